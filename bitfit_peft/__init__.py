@@ -1,0 +1,29 @@
+"""bitfit-peft: BitFit (bias-only fine-tuning) as a first-class Hugging Face PEFT method.
+
+Importing this package registers the method with peft (peft_type ``"BITFIT"``), so `get_peft_model`,
+`PeftModel.from_pretrained`, `AutoPeftModel*` and transformers' `model.load_adapter` work with `BitFitConfig`.
+"""
+
+from .checkpoint import check_adapter_file, hotswap_adapter
+from .config import BitFitConfig
+from .layer import BitFitLayer
+from .mapping import BIAS_TERMS, classify_module
+from .mixed import BASE
+from .model import BitFitModel
+from .registration import BitFitPeftType, register
+
+register()
+
+__version__ = "0.1.0"
+__all__ = [
+    "BASE",
+    "BIAS_TERMS",
+    "BitFitConfig",
+    "BitFitLayer",
+    "BitFitModel",
+    "BitFitPeftType",
+    "check_adapter_file",
+    "classify_module",
+    "hotswap_adapter",
+    "register",
+]

@@ -1,0 +1,135 @@
+"""`BitFitConfig`: the configuration of a BitFit adapter (which biases get a delta, and how the deltas are stored)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from peft.config import PeftConfig
+
+from .mapping import BIAS_TERMS
+from .registration import BitFitPeftType
+
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class BitFitConfig(PeftConfig):
+    """Configuration of a BitFit adapter: one trainable delta per targeted bias, over a frozen base model.
+
+    BitFit (Ben Zaken, Ravfogel & Goldberg, ACL 2022) fine-tunes only the bias terms of a pretrained model. Each
+    adapter holds a zero-initialised delta per targeted bias, so a fresh adapter leaves every output bitwise unchanged.
+
+    Args:
+        target_modules (`list[str]` or `str`, *optional*):
+            Module names (exact or suffix match) or a regex (full match) of the modules whose bias gets a delta. Leave
+            unset to target by `bias_terms`, or every bias in the model when `bias_terms` is unset too.
+        bias_terms (`list[str]`, *optional*):
+            The paper's named subsets, with the same meaning on every supported architecture: `query`, `key`,
+            `value`, `attention_output`, `intermediate` (first FFN layer; gate and up for gated MLPs), `output`
+            (second FFN layer) and `layernorm`. `["query", "intermediate"]` is the paper's b_q + b_m2.
+        exclude_modules (`list[str]` or `str`, *optional*):
+            Modules to leave alone, matched like `target_modules`.
+        layers_to_transform (`list[int]` or `int`, *optional*):
+            Only these layer indices get deltas.
+        layers_pattern (`list[str]` or `str`, *optional*):
+            The name of the layer list (`layers`, `h`, `layer`, ...) when `layers_to_transform` needs it.
+        modules_to_save (`list[str]`, *optional*):
+            Modules trained whole and saved with the adapter (task heads; peft adds `classifier`/`score` itself for
+            sequence classification).
+        add_missing_bias (`bool`):
+            Give Linear/Conv1D/Conv/LayerNorm layers without a bias (Llama, Mistral, T5) a zero-initialised delta;
+            merging creates the bias on the base layer. Norms without a bias argument (RMSNorm) are never targeted.
+        init_weights (`bool`):
+            `True` (default) initialises deltas to zero; `False` draws them from N(0, 0.05^2) (for tests).
+        save_dtype (`str`, *optional*):
+            Store the deltas as `"bfloat16"` or `"float16"` in the checkpoint to halve the file; they load back into
+            the training dtype. `None` or `"float32"` keeps the deltas' own dtype.
+
+    Example:
+
+    >>> from bitfit_peft import BitFitConfig
+    >>> sorted(BitFitConfig(task_type="SEQ_CLS", bias_terms=["query", "intermediate"]).bias_terms)
+    ['intermediate', 'query']
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names or a regex of the modules whose bias gets a delta. Unset: use bias_terms, "
+            "or every bias in the model."
+        },
+    )
+    bias_terms: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": f"Named bias subsets to train, any of {list(BIAS_TERMS)}; e.g. ['query', 'intermediate'] is the "
+            "paper's b_q + b_m2. Unset: every bias."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or a regex of the modules to leave alone."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Only the layers with these indices get deltas."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer list (e.g. 'layers', 'h') used by layers_to_transform."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained whole and saved with the adapter, e.g. a task head."}
+    )
+    add_missing_bias: bool = field(
+        default=False,
+        metadata={"help": "Give layers without a bias (Llama, T5 Linear) a zero-initialised delta."},
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "Zero-initialise the deltas (True) or draw them at random (False)."}
+    )
+    save_dtype: Literal["float32", "bfloat16", "float16"] | None = field(
+        default=None,
+        metadata={"help": f"Dtype of the deltas in the checkpoint, one of {list(SAVE_DTYPES)}; unset keeps theirs."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = BitFitPeftType.BITFIT  # type: ignore[assignment]
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)  # type: ignore[assignment]
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)  # type: ignore[assignment]
+        if self.bias_terms is not None:
+            if isinstance(self.bias_terms, str):
+                self.bias_terms = [self.bias_terms]
+            unknown = sorted(set(self.bias_terms) - set(BIAS_TERMS))
+            if unknown:
+                raise ValueError(
+                    f"Unknown bias_terms {unknown}. Must be any of {list(BIAS_TERMS)}; "
+                    "use target_modules to pick other modules by name."
+                )
+            if not self.bias_terms:
+                raise ValueError(f"bias_terms is empty. Pass at least one of {list(BIAS_TERMS)}, or leave it unset.")
+            self.bias_terms = set(self.bias_terms)  # type: ignore[assignment]
+        if self.bias_terms is not None and self.target_modules is not None:
+            raise ValueError(
+                "Set either bias_terms or target_modules, not both: bias_terms picks modules by role on known "
+                "architectures, target_modules by name. Use layers_to_transform / exclude_modules to narrow bias_terms."
+            )
+        if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"Invalid save_dtype {self.save_dtype!r}. Must be one of {list(SAVE_DTYPES)} or None.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern is only used with layers_to_transform; set layers_to_transform too.")
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> BitFitConfig:
+        """Load the config, and check a local adapter file is readable before any model is touched."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        path = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(path):
+            from .checkpoint import check_adapter_file
+
+            check_adapter_file(path)
+        return config  # type: ignore[return-value]

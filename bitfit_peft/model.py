@@ -1,0 +1,326 @@
+"""`BitFitModel`: the peft tuner that injects `BitFitLayer`s, routes mixed-task batches and checks checkpoints.
+
+`BaseTuner` does injection, freezing, set/delete adapter and merge dispatch; this class adds what is BitFit's own:
+target selection by bias term (`mapping.select_targets`), mixed batches (`adapter_names=[...]`), half-precision
+checkpoints (`save_dtype`), weighted combinations of adapters, and a checkpoint check that leaves the model exactly as
+it was when a file does not fit it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+)
+from peft.utils import _get_submodules
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .config import BitFitConfig
+from .layer import BitFitLayer
+from .mapping import select_targets
+from .mixed import BASE, MixedBatch, check_names, mixed_batch, new_generation
+from .registration import PREFIX
+
+_PEFT_PREFIX = "base_model.model."
+# Base model -> requires_grad of its parameters before the first BitFit injection, to undo a failed load exactly.
+_REQUIRES_GRAD_BEFORE: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
+_BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
+class BitFitModel(BaseTuner):
+    """BitFit tuner: bias deltas over a frozen base model, many adapters at once.
+
+    Args:
+        model (`nn.Module`): the model to adapt (modified in place).
+        config (`BitFitConfig`): the adapter's configuration.
+        adapter_name (`str`): the adapter's name (`"__base__"` is reserved).
+
+    Example:
+
+    >>> import bitfit_peft, transformers
+    >>> from peft import get_peft_model
+    >>> base = transformers.BertModel(transformers.BertConfig(hidden_size=8, num_hidden_layers=1,
+    ...     num_attention_heads=2, intermediate_size=16, vocab_size=20))
+    >>> model = get_peft_model(base, bitfit_peft.BitFitConfig(bias_terms=["query"]))
+    >>> model.get_nb_trainable_parameters()
+    (8, 7972)
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = BitFitLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------ injection
+    def _pre_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
+        if adapter_name == BASE:
+            raise ValueError(f'"{BASE}" is reserved for the base model in mixed batches; pick another adapter name.')
+        if not any(isinstance(m, BitFitLayer) for m in model.modules()):
+            # What the base model looked like, so a failed load can put it back exactly (see _abort_load).
+            _REQUIRES_GRAD_BEFORE[model] = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def _prepare_adapter_config(self, peft_config: Any, model_config: dict[str, Any]) -> Any:
+        return peft_config  # targets come from select_targets, not from a per-architecture name list
+
+    def _prepare_model(self, peft_config: Any, model: nn.Module) -> None:
+        self._selection = select_targets(model, peft_config, self.get_model_config(model))
+
+    def _check_target_module_exists(self, peft_config: Any, key: str) -> bool:  # type: ignore[override]
+        return key in self._selection
+
+    def _create_and_replace(  # type: ignore[override]
+        self,
+        peft_config: BitFitConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **_: Any,
+    ) -> None:
+        positions = self._selection.get(current_key)
+        if isinstance(target, BitFitLayer):
+            target.update_layer(adapter_name, init_weights=peft_config.init_weights, positions=positions)
+            return
+        new_module = BitFitLayer(target, adapter_name, init_weights=peft_config.init_weights, positions=positions)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        finally:
+            self._routing = None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._routing = None
+
+    # ------------------------------------------------------------------ mixed batches
+    def _routing_state(self) -> dict[str, Any]:
+        """Slots of the resident adapters, and the layers and heads to route; rebuilt when adapters change."""
+        state = getattr(self, "_routing", None)
+        if state is None:
+            names = sorted(self.peft_config)
+            state = {
+                "slots": {name: i for i, name in enumerate(names, start=1)},
+                "generation": new_generation(),
+                "layers": [m for m in self.model.modules() if isinstance(m, BitFitLayer)],
+                "heads": [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)],
+            }
+            self._routing = state
+        return state
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError(
+                "adapter_names (mixed-adapter batches) is for inference: call model.eval() first. To train several "
+                "tasks, train each adapter with set_adapter."
+            )
+        state = self._routing_state()
+        names = check_names(adapter_names, set(state["slots"]))
+        merged = sorted({n for layer in state["layers"] for n in layer.merged_adapters})
+        if merged:
+            raise ValueError(
+                f"Cannot run a mixed-adapter batch while adapters {merged} are merged into the base model: "
+                "call model.unmerge_adapter() first."
+            )
+        batch = next((t for t in (*(kwargs.get(k) for k in _BATCH_KEYS), *args) if isinstance(t, torch.Tensor)), None)
+        if batch is not None and batch.shape[0] != len(names):
+            raise ValueError(
+                f"adapter_names has {len(names)} entries but the batch has {batch.shape[0]} examples: "
+                "pass exactly one adapter name per example."
+            )
+        beams = kwargs.get("num_beams") or 1
+        routing = MixedBatch(names, state["slots"], state["generation"], beams=beams)
+        expanded = [n for n in names for _ in range(beams)]
+
+        def head_hook(module: nn.Module, hook_args: tuple, hook_kwargs: dict) -> tuple[tuple, dict]:
+            x = hook_args[0] if hook_args else None
+            rows = x.shape[0] if isinstance(x, torch.Tensor) else len(names)
+            hook_kwargs["adapter_names"] = names if rows == len(names) else expanded
+            return hook_args, hook_kwargs
+
+        handles = [head.register_forward_pre_hook(head_hook, with_kwargs=True) for head in state["heads"]]
+        try:
+            with mixed_batch(routing):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # ------------------------------------------------------------------ task arithmetic
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Create `adapter_name` whose deltas are `sum(w * delta)` over `adapters` (task arithmetic).
+
+        Task heads (modules_to_save) are not combined: the new adapter's head starts from the base model's.
+
+        Args:
+            adapters (`list[str]`): existing adapters to combine.
+            weights (`list[float]`): one weight per adapter.
+            adapter_name (`str`): name of the new adapter.
+        """
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError(
+                f"add_weighted_adapter needs one weight per adapter, got {len(adapters)} adapters and "
+                f"{len(weights)} weights."
+            )
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapters {unknown}; existing adapters: {sorted(self.peft_config)}.")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; pick a new name or delete it first.")
+        layers = {k: m for k, m in self.model.named_modules() if isinstance(m, BitFitLayer)}
+        configs = [self.peft_config[a] for a in adapters]
+        first = configs[0]
+        same_targets = all(
+            (c.target_modules, c.bias_terms, c.layers_to_transform, c.exclude_modules, c.add_missing_bias)
+            == (
+                first.target_modules,
+                first.bias_terms,
+                first.layers_to_transform,
+                first.exclude_modules,
+                first.add_missing_bias,
+            )
+            for c in configs
+        )
+        if same_targets:
+            new_config = replace(first, init_weights=True, inference_mode=True)
+        else:  # the union of the modules any of them targets, each over its whole bias
+            keys = {k for k, m in layers.items() if any(a in m.bitfit_delta for a in adapters)}
+            new_config = replace(
+                first,
+                target_modules=keys,
+                bias_terms=None,
+                layers_to_transform=None,
+                layers_pattern=None,
+                exclude_modules=None,
+                add_missing_bias=True,
+                init_weights=True,
+                inference_mode=True,
+            )
+        self.peft_config[adapter_name] = new_config
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        with torch.no_grad():
+            for layer in layers.values():
+                if adapter_name not in layer.bitfit_delta:
+                    continue
+                target = layer.bitfit_delta[adapter_name]
+                total = torch.zeros(layer._shape, dtype=torch.float32, device=target.device)
+                for name, weight in zip(adapters, weights, strict=True):
+                    if name in layer.bitfit_delta:
+                        total += weight * layer.full_delta(name).to(total.device, torch.float32)
+                if adapter_name in layer.bitfit_index:
+                    total = total.index_select(0, layer.bitfit_index[adapter_name])
+                target.copy_(total)
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: Any,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        dtype = getattr(torch, config.save_dtype) if getattr(config, "save_dtype", None) else None
+        if dtype is not None:
+            out = {k: v.to(dtype) if f".{PREFIX}" in k else v for k, v in out.items()}
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        problem = _check_against_model(model, adapter_name, remapped)
+        if problem:
+            _abort_load(model, adapter_name)
+            raise ValueError(
+                f"Adapter checkpoint does not fit this model ({problem}). The model was left as it was. Load the "
+                "adapter onto the base model it was trained on, with the same BitFitConfig."
+            )
+        return remapped
+
+
+def _check_against_model(model: nn.Module, adapter_name: str, remapped: dict[str, torch.Tensor]) -> str | None:
+    """Describe the first mismatch between a checkpoint and the adapter just injected, or None."""
+    model_state = model.state_dict()
+    expected = _filter_state_dict_by_key_prefixes(
+        model_state, _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    )
+
+    def in_model(key: str) -> str:
+        return key if key in model_state else key.removeprefix(_PEFT_PREFIX)
+
+    loaded = {in_model(k): v for k, v in remapped.items()}
+    unexpected = sorted(k for k in loaded if f".{PREFIX}" in k and k not in expected)
+    missing = sorted(k for k in expected if k not in loaded)
+    if unexpected:
+        return f"unexpected keys for modules this config does not target: {unexpected[:3]}"
+    if missing:
+        return f"missing deltas for modules {[k.rsplit('.' + PREFIX, 1)[0] for k in missing[:3]]}"
+    for key, value in loaded.items():
+        if key in model_state and tuple(value.shape) != tuple(model_state[key].shape):
+            return (
+                f"{key.removesuffix('.' + adapter_name)} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(model_state[key].shape)} in the model; the checkpoint comes from another base model"
+            )
+        if key in expected and not value.is_floating_point():
+            return f"{key} has dtype {value.dtype}; deltas must be floating point"
+    return None
+
+
+def _abort_load(model: nn.Module, adapter_name: str) -> None:
+    """Remove a just-injected adapter; when it was the only one, restore the original modules and flags."""
+    layers = [(k, m) for k, m in model.named_modules() if isinstance(m, BitFitLayer)]
+    heads = [(k, m) for k, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+    peft_config = getattr(model, "peft_config", {})
+    if set(peft_config) - {adapter_name}:
+        for _, module in layers + heads:
+            if adapter_name in getattr(module, "bitfit_delta", {}) or adapter_name in getattr(
+                module, "modules_to_save", {}
+            ):
+                module.delete_adapter(adapter_name)
+        peft_config.pop(adapter_name, None)
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, BitFitModel):
+            tuner._routing = None
+        return
+    inner = model.base_model.model if isinstance(getattr(model, "base_model", None), BitFitModel) else model
+    for key, module in layers:
+        parent, _, name = _get_submodules(model, key)
+        setattr(parent, name, module.get_base_layer())
+    for key, module in heads:
+        original = getattr(module, "original_module", None)
+        if original is not None:
+            parent, _, name = _get_submodules(model, key)
+            setattr(parent, name, original)
+    before = _REQUIRES_GRAD_BEFORE.pop(inner, None)
+    if before:
+        for name, param in inner.named_parameters():
+            if name in before:
+                param.requires_grad_(before[name])
+    peft_config.pop(adapter_name, None)
+    if "peft_config" in inner.__dict__:
+        del inner.peft_config
