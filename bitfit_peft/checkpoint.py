@@ -68,7 +68,7 @@ def hotswap_adapter(model: nn.Module, model_id: str | dict[str, torch.Tensor], a
     peft_config = getattr(model, "peft_config", {})
     if adapter_name not in peft_config:
         raise ValueError(f"No adapter {adapter_name!r} to hotswap; loaded adapters: {sorted(peft_config)}.")
-    targets: dict[str, torch.Tensor] = {}
+    targets: dict[str, Any] = {}
     for key, module in model.named_modules():
         if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta:
             targets[f"{key}.bitfit_delta"] = module.bitfit_delta[adapter_name]

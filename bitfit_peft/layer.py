@@ -21,28 +21,28 @@ from transformers.pytorch_utils import Conv1D
 from .mapping import bias_shape
 from .mixed import MixedBatch, current_mixed_batch
 
-Fold = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Fold = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _linear(m: nn.Module, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _linear(m: Any, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.linear(x, m.weight, b)
 
 
-def _conv1d_gpt2(m: nn.Module, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _conv1d_gpt2(m: Any, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = torch.addmm(b, x.reshape(-1, x.size(-1)), m.weight)
     return out.view(*x.shape[:-1], m.nf)
 
 
-def _conv(m: nn.Module, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return m._conv_forward(x, m.weight, b)  # type: ignore[operator]
+def _conv(m: Any, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return m._conv_forward(x, m.weight, b)
 
 
-def _layer_norm(m: nn.Module, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, m.normalized_shape, m.weight, b, m.eps)  # type: ignore[arg-type]
+def _layer_norm(m: Any, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, m.normalized_shape, m.weight, b, m.eps)
 
 
-def _group_norm(m: nn.Module, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.group_norm(x, m.num_groups, m.weight, b, m.eps)  # type: ignore[arg-type]
+def _group_norm(m: Any, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.group_norm(x, m.num_groups, m.weight, b, m.eps)
 
 
 # The op each supported layer type runs, with the bias as an argument. Used only when the layer's class runs exactly
@@ -83,6 +83,7 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("bitfit_delta",)
     other_param_names = ("bitfit_index",)
+    base_layer: Any  # a dynamic nn.Module: its weight/bias are read by name
 
     def __init__(
         self,
@@ -126,7 +127,7 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
 
     def full_delta(self, adapter_name: str) -> torch.Tensor:
         """The adapter's delta over the whole bias (zeros outside a fused slice)."""
-        delta = self.bitfit_delta[adapter_name]
+        delta: torch.Tensor = self.bitfit_delta[adapter_name]
         if adapter_name not in self.bitfit_index:
             return delta
         index = self.bitfit_index[adapter_name]

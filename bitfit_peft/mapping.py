@@ -139,7 +139,7 @@ def base_of(module: nn.Module) -> nn.Module:
 
 def bias_shape(module: nn.Module) -> tuple[int, ...]:
     """Shape of the layer's bias, or of the bias it would have (for `add_missing_bias`)."""
-    layer = base_of(module)
+    layer: Any = base_of(module)
     if getattr(layer, "bias", None) is not None:
         return tuple(layer.bias.shape)
     if isinstance(layer, nn.Linear):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import (
     BaseTuner,
+    _delete_auxiliary_adapter,
     _filter_state_dict_by_key_prefixes,
     _get_tuner_state_dict_key_prefixes,
 )
@@ -58,6 +59,8 @@ class BitFitModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = BitFitLayer
     target_module_mapping: dict[str, list[str]] = {}
+    _routing: dict[str, Any] | None = None  # mixed-batch routing, rebuilt when the set of adapters changes
+    _selection: dict[str, list[int] | None]
 
     # ------------------------------------------------------------------ injection
     def _pre_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
@@ -95,9 +98,16 @@ class BitFitModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         try:
-            super().inject_adapter(model, adapter_name, **kwargs)
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         finally:
             self._routing = None
 
@@ -108,7 +118,7 @@ class BitFitModel(BaseTuner):
     # ------------------------------------------------------------------ mixed batches
     def _routing_state(self) -> dict[str, Any]:
         """Slots of the resident adapters, and the layers and heads to route; rebuilt when adapters change."""
-        state = getattr(self, "_routing", None)
+        state: dict[str, Any] | None = getattr(self, "_routing", None)
         if state is None:
             names = sorted(self.peft_config)
             state = {
@@ -185,7 +195,7 @@ class BitFitModel(BaseTuner):
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; pick a new name or delete it first.")
         layers = {k: m for k, m in self.model.named_modules() if isinstance(m, BitFitLayer)}
-        configs = [self.peft_config[a] for a in adapters]
+        configs: list[Any] = [self.peft_config[a] for a in adapters]
         first = configs[0]
         same_targets = all(
             (c.target_modules, c.bias_terms, c.layers_to_transform, c.exclude_modules, c.add_missing_bias)
@@ -199,7 +209,7 @@ class BitFitModel(BaseTuner):
             for c in configs
         )
         if same_targets:
-            new_config = replace(first, init_weights=True, inference_mode=True)
+            new_config: Any = replace(first, init_weights=True, inference_mode=True)
         else:  # the union of the modules any of them targets, each over its whole bias
             keys = {k for k, m in layers.items() if any(a in m.bitfit_delta for a in adapters)}
             new_config = replace(
@@ -295,24 +305,25 @@ def _abort_load(model: nn.Module, adapter_name: str) -> None:
     """Remove a just-injected adapter; when it was the only one, restore the original modules and flags."""
     layers = [(k, m) for k, m in model.named_modules() if isinstance(m, BitFitLayer)]
     heads = [(k, m) for k, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
-    peft_config = getattr(model, "peft_config", {})
+    peft_config: dict[str, Any] = getattr(model, "peft_config", {})
     if set(peft_config) - {adapter_name}:
-        for _, module in layers + heads:
-            if adapter_name in getattr(module, "bitfit_delta", {}) or adapter_name in getattr(
-                module, "modules_to_save", {}
-            ):
-                module.delete_adapter(adapter_name)
-        peft_config.pop(adapter_name, None)
+        for _, layer in layers:
+            if adapter_name in layer.bitfit_delta:
+                layer.delete_adapter(adapter_name)
         tuner = getattr(model, "base_model", None)
+        active = [a for a in getattr(tuner, "active_adapters", []) if a != adapter_name]
+        _delete_auxiliary_adapter(model, adapter_name, new_active_adapters=active)
+        peft_config.pop(adapter_name, None)
         if isinstance(tuner, BitFitModel):
             tuner._routing = None
         return
-    inner = model.base_model.model if isinstance(getattr(model, "base_model", None), BitFitModel) else model
+    tuner = getattr(model, "base_model", None)
+    inner: Any = tuner.model if isinstance(tuner, BitFitModel) else model
     for key, module in layers:
         parent, _, name = _get_submodules(model, key)
         setattr(parent, name, module.get_base_layer())
-    for key, module in heads:
-        original = getattr(module, "original_module", None)
+    for key, head in heads:
+        original = getattr(head, "original_module", None)
         if original is not None:
             parent, _, name = _get_submodules(model, key)
             setattr(parent, name, original)

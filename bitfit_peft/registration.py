@@ -8,6 +8,7 @@ its own member (`"BITFIT"` in adapter_config.json) and fill those dicts itself, 
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 PEFT_TYPE_NAME = "BITFIT"
 PREFIX = "bitfit_"
@@ -38,7 +39,7 @@ def register() -> None:
     from .model import BitFitModel
 
     key = BitFitPeftType.BITFIT
-    wanted = {
+    wanted: dict[str, tuple[dict[Any, Any], Any]] = {
         "config": (PEFT_TYPE_TO_CONFIG_MAPPING, BitFitConfig),
         "tuner": (PEFT_TYPE_TO_TUNER_MAPPING, BitFitModel),
         "prefix": (PEFT_TYPE_TO_PREFIX_MAPPING, PREFIX),

@@ -1,0 +1,428 @@
+"""Core behaviours on a tiny BERT: registration, peft idioms, merge, mixed batches, hotswap, task arithmetic, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+import bitfit_peft
+from bitfit_peft import BitFitConfig, BitFitLayer, hotswap_adapter
+
+ROOT = Path(__file__).parents[1]
+BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99)
+
+
+def bert(seed: int = 0) -> transformers.BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(**BERT)).eval()
+
+
+def batch(n: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 99, (n, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits(model: torch.nn.Module, **kw: object) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch(), **kw).logits
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, object]:
+    """Everything a failed call must leave untouched: structure, values, requires_grad."""
+    return {
+        "modules": [(k, type(m).__name__) for k, m in model.named_modules()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "grad": {k: p.requires_grad for k, p in model.named_parameters()},
+        "attrs": sorted(k for k in vars(model) if "peft" in k),
+    }
+
+
+def assert_same(before: dict[str, object], after: dict[str, object]) -> None:
+    assert before["modules"] == after["modules"]
+    assert before["grad"] == after["grad"]
+    assert before["attrs"] == after["attrs"]
+    b, a = before["state"], after["state"]
+    assert isinstance(b, dict) and isinstance(a, dict) and b.keys() == a.keys()
+    for k in b:
+        assert torch.equal(b[k], a[k]), k
+
+
+def trained(tmp_path: Path, name: str = "a", **config: object) -> tuple[PeftModel, Path]:
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False, **config))
+    out = tmp_path / name
+    model.save_pretrained(out)
+    return model, out
+
+
+# ---------------------------------------------------------------------------------------------- registration
+def test_registration_fills_peft_mappings_without_touching_peft_type() -> None:
+    from peft.utils import PeftType
+
+    assert "BITFIT" not in [t.value for t in PeftType]
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["BITFIT"] is BitFitConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING["BITFIT"] is bitfit_peft.BitFitModel
+    assert PEFT_TYPE_TO_PREFIX_MAPPING["BITFIT"] == "bitfit_"
+    bitfit_peft.register()  # idempotent
+    import importlib
+
+    importlib.reload(bitfit_peft)  # re-import registers again without error
+
+
+def test_registration_refuses_a_name_or_prefix_held_by_another_method() -> None:
+    key = bitfit_peft.BitFitPeftType.BITFIT
+    saved = PEFT_TYPE_TO_CONFIG_MAPPING[key]
+    PEFT_TYPE_TO_CONFIG_MAPPING[key] = PeftConfig
+    try:
+        with pytest.raises(ValueError, match="already has a config registered for peft_type 'BITFIT'"):
+            bitfit_peft.register()
+    finally:
+        PEFT_TYPE_TO_CONFIG_MAPPING[key] = saved
+    PEFT_TYPE_TO_PREFIX_MAPPING["OTHER"] = "bitfit_"  # type: ignore[index]
+    try:
+        with pytest.raises(ValueError, match="prefix 'bitfit_' is already used by peft_type 'OTHER'"):
+            bitfit_peft.register()
+    finally:
+        del PEFT_TYPE_TO_PREFIX_MAPPING["OTHER"]  # type: ignore[arg-type]
+
+
+def test_fresh_process_loads_with_every_peft_entry_point(tmp_path: Path) -> None:
+    """PeftModel.from_pretrained, PeftConfig.from_pretrained, AutoPeftModel and transformers' load_adapter."""
+    model, adapter = trained(tmp_path)
+    base_dir = tmp_path / "base"
+    bert().save_pretrained(base_dir)
+    expected = logits(model.eval())
+    torch.save(expected, tmp_path / "expected.pt")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base_dir)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    script = textwrap.dedent(
+        f"""
+        import torch, transformers, bitfit_peft
+        from peft import PeftConfig, PeftModel, AutoPeftModelForSequenceClassification
+        tmp = {str(tmp_path)!r}
+        expected = torch.load(tmp + "/expected.pt")
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(1, 99, (4, 9), generator=g); mask = torch.ones_like(ids); mask[0, 6:] = 0
+        def out(m):
+            with torch.no_grad():
+                return m(input_ids=ids, attention_mask=mask).logits
+        assert type(PeftConfig.from_pretrained(tmp + "/a")).__name__ == "BitFitConfig"
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp + "/base").eval()
+        assert torch.allclose(out(PeftModel.from_pretrained(base, tmp + "/a").eval()), expected, atol=1e-6)
+        auto = AutoPeftModelForSequenceClassification.from_pretrained(tmp + "/a").eval()
+        assert torch.allclose(out(auto), expected, atol=1e-6)
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp + "/base").eval()
+        hf.load_adapter(tmp + "/a", adapter_name="a")
+        assert torch.allclose(out(hf), expected, atol=1e-6), "transformers load_adapter"
+        print("OK")
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------- semantics
+def test_fresh_adapter_is_bitwise_base_and_only_deltas_and_head_train() -> None:
+    ref = logits(bert())
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS"))
+    assert torch.equal(logits(model.eval()), ref)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".bitfit_delta." in n or ".modules_to_save.default." in n for n in trainable)
+    n_bias = sum(p.numel() for n, p in bert().named_parameters() if n.endswith("bias") and "classifier" not in n)
+    n_delta = sum(p.numel() for n, p in model.named_parameters() if ".bitfit_delta." in n)
+    assert n_delta == n_bias
+
+
+def test_training_writes_only_deltas_and_head() -> None:
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS"))
+    base_before = {
+        k: v.clone()
+        for k, v in model.get_base_model().state_dict().items()
+        if "modules_to_save" not in k and "bitfit_" not in k
+    }
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    loss = model(**batch(), labels=torch.tensor([0, 1, 0, 1])).loss
+    loss.backward()
+    opt.step()
+    after = model.get_base_model().state_dict()
+    for k, v in base_before.items():
+        assert torch.equal(after[k], v), k
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if ".bitfit_delta." in n)
+
+
+def test_merge_unmerge_and_merge_and_unload() -> None:
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False)).eval()
+    unmerged = logits(model)
+    biases = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("base_layer.bias")}
+    model.merge_adapter()
+    assert torch.allclose(logits(model), unmerged, atol=1e-5)
+    model.unmerge_adapter()
+    for k, v in biases.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    plain = model.merge_and_unload()
+    assert not any(isinstance(m, BitFitLayer) for m in plain.modules())
+    assert torch.allclose(logits(plain), unmerged, atol=1e-5)
+
+
+def test_safe_merge_refuses_non_finite_and_changes_nothing() -> None:
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS")).eval()
+    layer = next(m for m in model.modules() if isinstance(m, BitFitLayer))
+    with torch.no_grad():
+        layer.bitfit_delta["default"][0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    with pytest.raises(ValueError, match="non-finite biases"):
+        model.merge_adapter(safe_merge=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_add_missing_bias_merge_creates_and_unmerge_removes_the_bias() -> None:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=37,
+        vocab_size=99,
+    )
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="have no bias .* set add_missing_bias=True"):
+        get_peft_model(base, BitFitConfig(task_type="CAUSAL_LM"))
+    model = get_peft_model(base, BitFitConfig(task_type="CAUSAL_LM", add_missing_bias=True, init_weights=False))
+    ids = batch()["input_ids"]
+    out = model(input_ids=ids).logits
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.base_layer.bias is None
+    model.merge_adapter()
+    assert q_proj.base_layer.bias is not None
+    assert torch.allclose(model(input_ids=ids).logits, out, atol=1e-5)
+    model.unmerge_adapter()
+    assert q_proj.base_layer.bias is None
+    plain = model.merge_and_unload()
+    assert plain.model.layers[0].self_attn.q_proj.bias is not None
+    assert torch.allclose(plain(input_ids=ids).logits, out, atol=1e-5)
+
+
+def test_disable_adapter_gives_exact_base_outputs() -> None:
+    ref = logits(bert())
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False)).eval()
+    assert not torch.equal(logits(model), ref)
+    with model.disable_adapter():
+        # the head is a modules_to_save copy; with adapters disabled the original head runs
+        assert torch.equal(logits(model), ref)
+
+
+# ---------------------------------------------------------------------------------------------- many adapters
+def test_mixed_batch_rows_equal_each_adapter_alone(tmp_path: Path) -> None:
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    model.add_adapter("q", BitFitConfig(task_type="SEQ_CLS", init_weights=False, bias_terms=["query"]))
+    model.eval()
+    per = {}
+    for name in ("default", "q"):
+        model.set_adapter(name)
+        per[name] = logits(model)
+    with model.disable_adapter():
+        per["__base__"] = logits(model)
+    names = ["q", "__base__", "default", "q"]
+    mixed = logits(model, adapter_names=names)
+    for i, name in enumerate(names):
+        assert torch.allclose(mixed[i], per[name][i], atol=1e-6), name
+    # a hotswap of one adapter is seen by the next mixed call (table rows are refreshed, not stale)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, BitFitLayer) and "q" in m.bitfit_delta:
+                m.bitfit_delta["q"].add_(0.5)
+    model.set_adapter("q")
+    again = logits(model, adapter_names=names)
+    assert torch.allclose(again[0], logits(model)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"adapter_names": ["default", "nope", "default", "default"]}, ValueError, r"Unknown adapter name\(s\).*nope"),
+        ({"adapter_names": ["default"] * 3}, ValueError, "3 entries but a layer received a batch of 4"),
+        ({"adapter_names": "default"}, TypeError, "one adapter name per example"),
+    ],
+)
+def test_mixed_batch_errors(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS")).eval()
+    with pytest.raises(error, match=match):
+        logits(model, **kwargs)
+
+
+def test_mixed_batch_refuses_training_mode_and_merged_adapters() -> None:
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="for inference: call model.eval"):
+        model(**batch(), adapter_names=["default"] * 4)
+    model.eval()
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged into the base model: call model.unmerge_adapter"):
+        logits(model, adapter_names=["default"] * 4)
+
+
+def test_base_is_a_reserved_adapter_name() -> None:
+    with pytest.raises(ValueError, match='"__base__" is reserved'):
+        get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS"), adapter_name="__base__")
+
+
+def test_hotswap_keeps_parameter_objects_and_matches_a_fresh_load(tmp_path: Path) -> None:
+    other, path = trained(tmp_path, "b")
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS")).eval()
+    params = {n: p for n, p in model.named_parameters()}
+    hotswap_adapter(model, str(path), adapter_name="default")
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert torch.allclose(logits(model), logits(other.eval()), atol=1e-6)
+
+
+def test_hotswap_rejects_another_config_and_changes_nothing(tmp_path: Path) -> None:
+    _, path = trained(tmp_path, "q", bias_terms=["query"])
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS")).eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="targets other modules"):
+        hotswap_adapter(model, str(path))
+    assert_same(before, snapshot(model))
+    with pytest.raises(ValueError, match="No adapter 'x' to hotswap"):
+        hotswap_adapter(model, str(path), adapter_name="x")
+
+
+def test_add_weighted_adapter_is_the_linear_combination() -> None:
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    model.add_adapter("b", BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    model.add_adapter("q", BitFitConfig(task_type="SEQ_CLS", init_weights=False, bias_terms=["query"]))
+    model.add_weighted_adapter(["default", "b"], [0.5, -2.0], "mix")
+    model.add_weighted_adapter(["default", "q"], [1.0, 1.0], "union")
+    for m in model.modules():
+        if isinstance(m, BitFitLayer):
+            d = m.bitfit_delta
+            assert torch.allclose(d["mix"], 0.5 * d["default"] - 2.0 * d["b"])
+            expected = d["default"] + d.get("q", 0)
+            assert torch.allclose(d["union"], expected)
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        model.add_weighted_adapter(["default", "b"], [1.0], "bad")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_config_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match=r"Unknown bias_terms \['querry'\]. Must be any of"):
+        BitFitConfig(bias_terms=["querry"])
+    with pytest.raises(ValueError, match="Set either bias_terms or target_modules, not both"):
+        BitFitConfig(bias_terms=["query"], target_modules=["query"])
+    with pytest.raises(ValueError, match="Invalid save_dtype 'int8'"):
+        BitFitConfig(save_dtype="int8")  # type: ignore[arg-type]
+
+
+def test_selecting_nothing_lists_candidates() -> None:
+    with pytest.raises(ValueError, match=r"selected no module of BertForSequenceClassification.*Modules with a bias"):
+        get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", target_modules=["nonexistent"]))
+
+
+def test_unknown_architecture_with_bias_terms_says_use_target_modules() -> None:
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    with pytest.raises(ValueError, match="has no BitFit mapping .* Pass target_modules"):
+        get_peft_model(Tiny(), BitFitConfig(bias_terms=["query"]))
+    model = get_peft_model(Tiny(), BitFitConfig(target_modules=["lin"]))
+    assert model.get_nb_trainable_parameters()[0] == 3
+
+
+def _base_after_failed_load(path: Path, base: torch.nn.Module, match: str) -> None:
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(base, str(path))
+    assert_same(before, snapshot(base))
+
+
+def test_checkpoint_from_another_base_is_refused_and_model_untouched(tmp_path: Path) -> None:
+    _, path = trained(tmp_path)
+    torch.manual_seed(0)
+    wider = transformers.BertForSequenceClassification(
+        transformers.BertConfig(**{**BERT, "intermediate_size": 41})
+    ).eval()
+    _base_after_failed_load(path, wider, r"intermediate\.dense\.bitfit_delta has shape \(37,\) in the checkpoint")
+
+
+def test_missing_and_unexpected_keys_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _, path = trained(tmp_path)
+    weights = load_file(path / "adapter_model.safetensors")
+    dropped = {k: v for k, v in weights.items() if "layer.1.attention.self.query" not in k}
+    save_file(dropped, path / "adapter_model.safetensors")
+    _base_after_failed_load(path, bert(), r"missing deltas for modules .*layer\.1\.attention\.self\.query")
+    extra = dict(weights)
+    extra["base_model.model.bert.pooler.extra.bitfit_delta"] = torch.zeros(3)
+    save_file(extra, path / "adapter_model.safetensors")
+    _base_after_failed_load(path, bert(), "unexpected keys")
+
+
+def test_corrupt_or_truncated_file_is_refused_before_touching_the_model(tmp_path: Path) -> None:
+    _, path = trained(tmp_path)
+    file = path / "adapter_model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    _base_after_failed_load(path, bert(), "is not a valid safetensors checkpoint .* truncated or corrupt")
+    file.write_bytes(b"not a safetensors file at all")
+    _base_after_failed_load(path, bert(), "is not a valid safetensors checkpoint")
+
+
+def test_second_adapter_failing_to_load_leaves_the_first_intact(tmp_path: Path) -> None:
+    model, _ = trained(tmp_path)
+    _, bad = trained(tmp_path, "bad", bias_terms=["query"])
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["bias_terms"] = ["key"]  # config and weights disagree
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    model.eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        model.load_adapter(str(bad), adapter_name="bad")
+    assert "bad" not in model.peft_config
+    assert_same(before, snapshot(model))
+
+
+def test_unknown_peft_type_and_unknown_adapter_name(tmp_path: Path) -> None:
+    model, path = trained(tmp_path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["peft_type"] = "BITFIT2"
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(KeyError, match="BITFIT2"):
+        PeftConfig.from_pretrained(str(path))
+    with pytest.raises(ValueError, match="not found"):
+        model.set_adapter("missing")
+
+
+def test_save_dtype_halves_the_file_and_loads_back_to_float32(tmp_path: Path) -> None:
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False, save_dtype="bfloat16"))
+    model.save_pretrained(tmp_path / "bf16")
+    model.peft_config["default"].save_dtype = None
+    model.save_pretrained(tmp_path / "fp32")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "bf16" / "adapter_model.safetensors", "pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+    assert {d for k, d in dtypes.items() if "bitfit_delta" in k} == {torch.bfloat16}
+    loaded = PeftModel.from_pretrained(bert(), str(tmp_path / "bf16"))
+    for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
+        if "bitfit_delta" in n:
+            assert q.dtype == torch.float32 and torch.equal(q, p.detach().to(torch.bfloat16).float())
