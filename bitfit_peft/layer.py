@@ -104,6 +104,7 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         # Base bias as it was before the first merge, restored exactly by unmerge (None: merge created the bias).
         self._premerge_bias: torch.Tensor | None = None
         self._mixed_cache: dict[str, Any] | None = None
+        self._bias_cache: tuple[Any, torch.Tensor] | None = None
         self.update_layer(adapter_name, init_weights=init_weights, positions=positions)
 
     # ------------------------------------------------------------------ adapter state
@@ -127,32 +128,59 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
 
     def full_delta(self, adapter_name: str) -> torch.Tensor:
         """The adapter's delta over the whole bias (zeros outside a fused slice)."""
-        delta: torch.Tensor = self.bitfit_delta[adapter_name]
-        if adapter_name not in self.bitfit_index:
+        delta: torch.Tensor = self._modules["bitfit_delta"]._parameters[adapter_name]
+        index = self._modules["bitfit_index"]._buffers.get(adapter_name)
+        if index is None:
             return delta
-        index = self.bitfit_index[adapter_name]
         return delta.new_zeros(self._shape).index_add(0, index, delta)
 
-    def _active_delta(self) -> torch.Tensor | None:
-        total: torch.Tensor | None = None
-        for name in self.active_adapters:
-            if name in self.bitfit_delta:
-                delta = self.full_delta(name)
-                total = delta if total is None else total + delta
+    def _active_names(self) -> list[str]:
+        # Hot path: read the containers directly instead of through nn.Module.__getattr__.
+        deltas = self._modules["bitfit_delta"]._parameters
+        active = self._active_adapter
+        if isinstance(active, str):
+            return [active] if active in deltas else []
+        return [n for n in active if n in deltas]
+
+    def _active_delta(self, names: list[str]) -> torch.Tensor:
+        total = self.full_delta(names[0])
+        for name in names[1:]:
+            total = total + self.full_delta(name)
         return total
 
     def _compute_dtype(self, fallback: torch.dtype) -> torch.dtype:
+        params = self._modules["base_layer"]._parameters
         for name in ("weight", "bias"):
-            t = getattr(self.base_layer, name, None)
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
+            t = params.get(name)
+            if t is not None and t.is_floating_point():
                 return t.dtype
         return fallback
 
     def _with_base_bias(self, delta: torch.Tensor) -> torch.Tensor:
         """base bias + delta, computed in the delta's dtype and returned in the layer's dtype."""
-        bias = self.base_layer.bias
+        bias = self._modules["base_layer"]._parameters.get("bias")
         out = delta if bias is None else bias.to(delta.dtype) + delta
         return out.to(self._compute_dtype(delta.dtype))
+
+    def _effective_bias(self, names: list[str]) -> torch.Tensor:
+        """base bias + the active deltas, as the layer's op takes it.
+
+        When no gradient is needed (inference), the result is cached and reused until a delta or the base bias
+        changes (tracked by the tensors' in-place version counters), so unmerged inference runs the layer's own op
+        with no extra kernel.
+        """
+        deltas = self._modules["bitfit_delta"]._parameters
+        params = [deltas[n] for n in names]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._with_base_bias(self._active_delta(names))
+        bias = self._modules["base_layer"]._parameters.get("bias")
+        key = (tuple((id(p), p._version) for p in params), id(bias), None if bias is None else bias._version)
+        cached = self._bias_cache
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self._with_base_bias(self._active_delta(names)))
+            self._bias_cache = cached
+        return cached[1]
 
     def _broadcast(self, delta: torch.Tensor, out: torch.Tensor, batched: bool) -> torch.Tensor:
         """View a (batch of) bias vector(s) so it adds onto the layer's output."""
@@ -165,64 +193,83 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
+        if self._disable_adapters:
+            if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         mixed = current_mixed_batch()
         if mixed is not None:
             return self._mixed_forward(x, mixed, *args, **kwargs)
-        if self.merged:
+        if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
-        delta = self._active_delta()
-        if delta is None:
-            return self.base_layer(x, *args, **kwargs)
+        base = self._modules["base_layer"]
+        names = self._active_names()
+        if not names:
+            return base(x, *args, **kwargs)
         if self._fold is not None and not args and not kwargs:
-            return self._fold(self.base_layer, x, self._with_base_bias(delta))
-        out = self.base_layer(x, *args, **kwargs)
-        return out + self._broadcast(delta.to(out.dtype), out, batched=False)
+            return self._fold(base, x, self._effective_bias(names))
+        out = base(x, *args, **kwargs)
+        return out + self._broadcast(self._active_delta(names).to(out.dtype), out, batched=False)
 
     def _mixed_forward(self, x: torch.Tensor, mixed: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.merged:
+        if self.merged_adapters:
             raise ValueError(
                 f"Cannot run a mixed-adapter batch while adapters {self.merged_adapters} are merged into the base "
                 "model: call model.unmerge_adapter() first."
             )
         rows = mixed.rows_for(x.shape[0], x.device)
-        table, lookup = self._mixed_table(mixed, x.device)
         out = self.base_layer(x, *args, **kwargs)
-        deltas = table.index_select(0, lookup.index_select(0, rows)).to(out.dtype)
-        deltas = self._broadcast(deltas, out, batched=True)
+        table, lookup = self._mixed_table(mixed, out.device, out.dtype)
+        if table is None:
+            return out  # no resident adapter touches this layer
+        if lookup is not None:
+            rows = lookup.index_select(0, rows)
+        deltas = self._broadcast(table.index_select(0, rows), out, batched=True)
         return out.add_(deltas) if not torch.is_grad_enabled() else out + deltas
 
-    def _mixed_table(self, mixed: MixedBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mixed_table(
+        self, mixed: MixedBatch, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """This layer's packed table of full deltas (row 0 = zeros) and the global-slot -> row lookup.
 
-        Built once per set of resident adapters; on later calls only the rows of the adapters used in the batch are
-        checked (same Parameter object, same in-place version) and refreshed if stale, so a call costs O(adapters in
-        the batch), independent of how many adapters are resident.
+        The table is kept in the dtype of the layer's output (the delta is cast to it before the add anyway). When
+        the layer holds every resident adapter, rows are numbered by global slot and no lookup is needed. The table is
+        built once per set of resident adapters; later calls check only the rows of the adapters in the batch (same
+        Parameter object, same in-place version) and refresh stale ones, so a call costs O(adapters in the batch),
+        independent of how many adapters are resident.
         """
         cache = self._mixed_cache
-        if cache is None or cache["generation"] != mixed.generation or cache["table"].device != device:
-            names = [n for n in self.bitfit_delta if n in mixed.slots]
-            table = torch.zeros((len(names) + 1, *self._shape), dtype=torch.float32, device=device)
-            lookup = torch.zeros(len(mixed.slots) + 1, dtype=torch.long, device=device)
+        if (
+            cache is None
+            or cache["generation"] != mixed.generation
+            or cache["table"].device != device
+            or cache["table"].dtype != dtype
+        ):
+            names = sorted((n for n in self.bitfit_delta if n in mixed.slots), key=mixed.slots.__getitem__)
+            # (id, version) of the Parameter each row was copied from; a row is refreshed when they change
+            if not names:
+                return None, None
+            complete = len(names) == len(mixed.slots)
+            table = torch.zeros((len(names) + 1, *self._shape), dtype=dtype, device=device)
+            lookup = None if complete else torch.zeros(len(mixed.slots) + 1, dtype=torch.long, device=device)
             rows: dict[str, int] = {}
             for row, name in enumerate(names, start=1):
                 rows[name] = row
-                lookup[mixed.slots[name]] = row
+                if lookup is not None:
+                    lookup[mixed.slots[name]] = row
             cache = {"generation": mixed.generation, "table": table, "lookup": lookup, "rows": rows, "seen": {}}
             self._mixed_cache = cache
-        seen: dict[str, tuple[nn.Parameter, int]] = cache["seen"]
-        with torch.no_grad():
-            for name in mixed.unique:
-                row = cache["rows"].get(name)
-                if row is None:
-                    continue
-                param = self.bitfit_delta[name]
-                if seen.get(name) != (param, param._version):
-                    cache["table"][row] = self.full_delta(name).to(device=device, dtype=torch.float32)
-                    seen[name] = (param, param._version)
+        seen: dict[str, tuple[int, int]] = cache["seen"]
+        rows = cache["rows"]
+        deltas = self._modules["bitfit_delta"]._parameters
+        for name in mixed.unique:
+            param = deltas.get(name)
+            if param is None:
+                continue
+            if seen.get(name) != (id(param), param._version):
+                with torch.no_grad():
+                    cache["table"][rows[name]] = self.full_delta(name).to(device=device, dtype=dtype)
+                seen[name] = (id(param), param._version)
         return cache["table"], cache["lookup"]
 
     # ------------------------------------------------------------------ merge
