@@ -426,3 +426,49 @@ def test_save_dtype_halves_the_file_and_loads_back_to_float32(tmp_path: Path) ->
     for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
         if "bitfit_delta" in n:
             assert q.dtype == torch.float32 and torch.equal(q, p.detach().to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generate_with_mixed_adapters_matches_each_adapter_alone(arch: str, beams: int) -> None:
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=99, bos_token_id=1, eos_token_id=2)
+        base, task = transformers.GPT2LMHeadModel(cfg), "CAUSAL_LM"
+    else:
+        cfg = transformers.BartConfig(
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            vocab_size=99,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            pad_token_id=0,
+        )
+        base, task = transformers.BartForConditionalGeneration(cfg), "SEQ_2_SEQ_LM"
+    model = get_peft_model(base.eval(), BitFitConfig(task_type=task, init_weights=False))
+    model.add_adapter("other", BitFitConfig(task_type=task, init_weights=False))
+    with torch.no_grad():  # large deltas, so that each adapter visibly changes the greedy generations
+        for name, p in model.named_parameters():
+            if "bitfit_delta" in name:
+                p.mul_(20)
+    model.eval()
+    ids = torch.randint(3, 99, (3, 5), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=6, do_sample=False, num_beams=beams, pad_token_id=0, eos_token_id=None)
+    per = {}
+    with torch.no_grad():
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            per[name] = model.generate(input_ids=ids, **kw)
+        with model.disable_adapter():
+            per["__base__"] = model.generate(input_ids=ids, **kw)
+        names = ["other", "__base__", "default"]
+        mixed = model.generate(input_ids=ids, adapter_names=names, **kw)
+    assert len({tuple(per[n].flatten().tolist()) for n in per}) == 3, "adapters should change the generations"
+    for i, name in enumerate(names):
+        assert torch.equal(mixed[i], per[name][i]), (name, mixed[i], per[name][i])
