@@ -19,7 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .mapping import bias_shape
-from .mixed import MixedBatch, current_mixed_batch
+from .mixed import InFlight, MixedBatch, current_mixed_batch
 
 Fold = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -56,6 +56,9 @@ _FOLDS: tuple[tuple[type[nn.Module], Fold], ...] = (
     (nn.LayerNorm, _layer_norm),
     (nn.GroupNorm, _group_norm),
 )
+
+
+_current_mixed_batch_eager = torch.compiler.disable(current_mixed_batch)
 
 
 def _fold_for(layer: nn.Module) -> Fold | None:
@@ -171,7 +174,9 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         """
         deltas = self._modules["bitfit_delta"]._parameters
         params = [deltas[n] for n in names]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        # Under torch.compile the add is traced into the graph (and fused): a cached tensor would be baked in as a
+        # constant that in-place updates (hotswap) could not reach.
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return self._with_base_bias(self._active_delta(names))
         bias = self._modules["base_layer"]._parameters.get("bias")
         key = (tuple((id(p), p._version) for p in params), id(bias), None if bias is None else bias._version)
@@ -197,7 +202,12 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        mixed = current_mixed_batch()
+        if torch.compiler.is_compiling():
+            # Compiled code cannot read a context variable; it guards on the plain in-flight count instead, and only
+            # a mixed call pays a graph break to fetch its routing (so mixed batches stay correct under compile).
+            mixed = _current_mixed_batch_eager() if InFlight.count else None
+        else:
+            mixed = current_mixed_batch()
         if mixed is not None:
             return self._mixed_forward(x, mixed, *args, **kwargs)
         if self.merged_adapters:

@@ -19,6 +19,15 @@ import torch
 BASE = "__base__"
 
 _CURRENT: contextvars.ContextVar[MixedBatch | None] = contextvars.ContextVar("bitfit_mixed_batch", default=None)
+
+
+class InFlight:
+    """How many mixed-batch calls are running (any thread). torch.compile cannot read a context variable, but it can
+    guard on this plain value, so a compiled layer notices a mixed call and refuses it instead of ignoring it."""
+
+    count = 0
+
+
 _generations = itertools.count(1)
 
 
@@ -78,9 +87,11 @@ def current_mixed_batch() -> MixedBatch | None:
 def mixed_batch(batch: MixedBatch) -> Iterator[None]:
     """Publish `batch` to every BitFit layer for the duration of one forward or generate call."""
     token = _CURRENT.set(batch)
+    InFlight.count += 1
     try:
         yield
     finally:
+        InFlight.count -= 1
         _CURRENT.reset(token)
 
 

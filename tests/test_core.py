@@ -472,3 +472,25 @@ def test_generate_with_mixed_adapters_matches_each_adapter_alone(arch: str, beam
     assert len({tuple(per[n].flatten().tolist()) for n in per}) == 3, "adapters should change the generations"
     for i, name in enumerate(names):
         assert torch.equal(mixed[i], per[name][i]), (name, mixed[i], per[name][i])
+
+
+def test_torch_compile_hotswap_needs_no_recompile_and_mixed_batches_stay_correct(tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    other, path = trained(tmp_path, "b")
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False)).eval()
+    compiled = torch.compile(model, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        assert torch.allclose(compiled(**batch()).logits, logits(model), atol=1e-6)
+        graphs = counters["stats"]["unique_graphs"]
+        hotswap_adapter(model, str(path))
+        swapped = compiled(**batch()).logits
+    assert counters["stats"]["unique_graphs"] == graphs, "hotswap must not trigger a recompilation"
+    assert torch.allclose(swapped, logits(other.eval()), atol=1e-6)
+    # mixed batches through the compiled model stay correct (the BitFit layers fetch their routing eagerly)
+    names = ["default", "__base__", "default", "__base__"]
+    with torch.no_grad():
+        mixed = compiled(**batch(), adapter_names=names).logits
+    assert torch.allclose(mixed, logits(model, adapter_names=names), atol=1e-6)
