@@ -102,13 +102,23 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
-        self._fold = _fold_for(base_layer)
+        self._fold: Fold | None = _fold_for(base_layer)
         self._shape = bias_shape(base_layer)
         # Base bias as it was before the first merge, restored exactly by unmerge (None: merge created the bias).
         self._premerge_bias: torch.Tensor | None = None
         self._mixed_cache: dict[str, Any] | None = None
         self._bias_cache: tuple[Any, torch.Tensor] | None = None
         self.update_layer(adapter_name, init_weights=init_weights, positions=positions)
+
+    # Hot-path accessors: plain dicts, read without going through nn.Module.__getattr__.
+    def _delta_params(self) -> dict[str, Any]:
+        return self._modules["bitfit_delta"]._parameters  # type: ignore[union-attr]
+
+    def _base_params(self) -> dict[str, Any]:
+        return self._modules["base_layer"]._parameters  # type: ignore[union-attr]
+
+    def _index_buffers(self) -> dict[str, Any]:
+        return self._modules["bitfit_index"]._buffers  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ adapter state
     def update_layer(self, adapter_name: str, init_weights: bool = True, positions: list[int] | None = None) -> None:
@@ -131,15 +141,15 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
 
     def full_delta(self, adapter_name: str) -> torch.Tensor:
         """The adapter's delta over the whole bias (zeros outside a fused slice)."""
-        delta: torch.Tensor = self._modules["bitfit_delta"]._parameters[adapter_name]
-        index = self._modules["bitfit_index"]._buffers.get(adapter_name)
+        delta: torch.Tensor = self._delta_params()[adapter_name]
+        index = self._index_buffers().get(adapter_name)
         if index is None:
             return delta
         return delta.new_zeros(self._shape).index_add(0, index, delta)
 
     def _active_names(self) -> list[str]:
         # Hot path: read the containers directly instead of through nn.Module.__getattr__.
-        deltas = self._modules["bitfit_delta"]._parameters
+        deltas = self._delta_params()
         active = self._active_adapter
         if isinstance(active, str):
             return [active] if active in deltas else []
@@ -152,7 +162,7 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         return total
 
     def _compute_dtype(self, fallback: torch.dtype) -> torch.dtype:
-        params = self._modules["base_layer"]._parameters
+        params = self._base_params()
         for name in ("weight", "bias"):
             t = params.get(name)
             if t is not None and t.is_floating_point():
@@ -161,7 +171,7 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
 
     def _with_base_bias(self, delta: torch.Tensor) -> torch.Tensor:
         """base bias + delta, computed in the delta's dtype and returned in the layer's dtype."""
-        bias = self._modules["base_layer"]._parameters.get("bias")
+        bias = self._base_params().get("bias")
         out = delta if bias is None else bias.to(delta.dtype) + delta
         return out.to(self._compute_dtype(delta.dtype))
 
@@ -172,13 +182,13 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         changes (tracked by the tensors' in-place version counters), so unmerged inference runs the layer's own op
         with no extra kernel.
         """
-        deltas = self._modules["bitfit_delta"]._parameters
+        deltas = self._delta_params()
         params = [deltas[n] for n in names]
         # Under torch.compile the add is traced into the graph (and fused): a cached tensor would be baked in as a
         # constant that in-place updates (hotswap) could not reach.
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return self._with_base_bias(self._active_delta(names))
-        bias = self._modules["base_layer"]._parameters.get("bias")
+        bias = self._base_params().get("bias")
         key = (tuple((id(p), p._version) for p in params), id(bias), None if bias is None else bias._version)
         cached = self._bias_cache
         if cached is None or cached[0] != key:
@@ -212,7 +222,7 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
             return self._mixed_forward(x, mixed, *args, **kwargs)
         if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
-        base = self._modules["base_layer"]
+        base: Any = self._modules["base_layer"]
         names = self._active_names()
         if not names:
             return base(x, *args, **kwargs)
@@ -271,7 +281,7 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
             self._mixed_cache = cache
         seen: dict[str, tuple[int, int]] = cache["seen"]
         rows = cache["rows"]
-        deltas = self._modules["bitfit_delta"]._parameters
+        deltas = self._delta_params()
         for name in mixed.unique:
             param = deltas.get(name)
             if param is None:
