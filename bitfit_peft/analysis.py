@@ -67,8 +67,9 @@ def layer_index(module_name: str) -> int | None:
 
 def _model_type(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
-    if config is None and hasattr(model, "get_base_model"):
-        config = getattr(model.get_base_model(), "config", None)
+    get_base_model = getattr(model, "get_base_model", None)
+    if config is None and callable(get_base_model):
+        config = getattr(get_base_model(), "config", None)
     return getattr(config, "model_type", None)
 
 

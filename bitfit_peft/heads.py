@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -22,6 +22,8 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 __all__ = ["MeanPoolingHead", "MeanPooledSequenceClassifier", "uses_mean_pooling"]
+
+ProblemType = Literal["regression", "single_label_classification", "multi_label_classification"]
 
 
 class MeanPoolingHead(nn.Module):
@@ -101,12 +103,12 @@ class MeanPooledSequenceClassifier(nn.Module):
         setattr(self, self.encoder_attribute, encoder)
         self.config = encoder.config
         self.config.num_labels = num_labels
-        self.config.problem_type = problem_type
-        if dropout is None:
-            dropout = getattr(self.config, "classifier_dropout", None) or getattr(
-                self.config, "hidden_dropout_prob", 0.1
-            )
-        self.classifier = MeanPoolingHead(self.config.hidden_size, num_labels, dropout)
+        self.config.problem_type = cast("ProblemType | None", problem_type)
+        configured: Any = getattr(self.config, "classifier_dropout", None)
+        if configured is None:
+            configured = getattr(self.config, "hidden_dropout_prob", 0.1)
+        head_dropout = float(configured) if dropout is None else dropout
+        self.classifier = MeanPoolingHead(self.config.hidden_size, num_labels, head_dropout)
         self.num_labels = num_labels
 
     @classmethod
@@ -122,7 +124,7 @@ class MeanPooledSequenceClassifier(nn.Module):
         except TypeError:  # architectures without a pooler do not accept the argument
             encoder = AutoModel.from_pretrained(name_or_path, **kwargs)
         model = cls(encoder, num_labels=num_labels, problem_type=problem_type)
-        model.name_or_path = str(name_or_path)
+        object.__setattr__(model, "name_or_path", str(name_or_path))  # what peft records as the base model
         return model
 
     @property

@@ -33,6 +33,13 @@ SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
 )
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
+# Heads peft trains whole (ModulesToSaveWrapper) for each task type. peft adds them to modules_to_save itself, but for
+# TOKEN_CLS and QUESTION_ANS only after the tuner has injected its layers, so BitFit must leave them alone up front.
+TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,13 @@ def _has_bias(module: nn.Module) -> bool:
     return getattr(base_of(module), "bias", None) is not None
 
 
+def _under_head(key: str, heads: set[str]) -> bool:
+    """Whether the module or one of its parents is a head peft wraps whole: peft matches `path.endswith(name)`
+    (plain suffix, so DistilBERT's `pre_classifier` is a head too)."""
+    parts = key.split(".")
+    return any(".".join(parts[: i + 1]).endswith(h) for i in range(len(parts)) for h in heads)
+
+
 def _passes_filters(config: BitFitConfig, key: str) -> bool:
     """exclude_modules, modules_to_save and layers_to_transform with peft's own semantics."""
     probe = SimpleNamespace(
@@ -236,6 +250,7 @@ def select_targets(
                 f"has no BitFit mapping (known: {sorted(ARCHITECTURES)}). Pass target_modules=[...] with the module "
                 "names instead, e.g. the names listed by model.named_modules()."
             )
+    heads = set(config.modules_to_save or ()) | set(TASK_HEADS.get(config.task_type or "", ()))
     skip_under: list[str] = []
     selected: dict[str, list[int] | None] = {}
     without_bias: list[str] = []
@@ -247,7 +262,7 @@ def select_targets(
             parents[f"{key}.{child_name}" if key else child_name] = module
         if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
             skip_under.append(key + ".")  # never look inside an adapter wrapper or a saved head
-        if not key or not _is_candidate(key, module, parents.get(key)):
+        if not key or not _is_candidate(key, module, parents.get(key)) or _under_head(key, heads):
             continue
         positions: list[int] | None = None
         if config.target_modules is not None:

@@ -45,17 +45,28 @@ class MixedBatch:
         slots (`dict[str, int]`): slot of every resident adapter (the same numbering on every layer).
         generation (`int`): identifies `slots`; layers rebuild their tables when it changes.
         beams (`int`): beam-search width; layers seeing `len(names) * beams` rows repeat each name `beams` times.
+        tokens (`int`, *optional*): tokens per row of the latest model input, for layers that see the batch
+            flattened to (rows * tokens, features), batch-major (OPT's FFN).
     """
 
     names: list[str]
     slots: dict[str, int]
     generation: int
     beams: int = 1
+    tokens: int | None = None
     unique: tuple[str, ...] = ()
     _rows: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.unique = tuple(dict.fromkeys(n for n in self.names if n != BASE))
+
+    def names_for(self, batch: int) -> list[str]:
+        """The adapter name of each of `batch` rows (see `rows_for`)."""
+        n = len(self.names)
+        repeat = batch // n if batch % n == 0 else 0
+        if repeat not in {1, self.beams}:
+            raise ValueError(f"adapter_names has {n} entries but a task head received {batch} rows.")
+        return [name for name in self.names for _ in range(repeat)]
 
     def rows_for(self, batch: int, device: torch.device) -> torch.Tensor:
         """Slot of each row of an input with `batch` rows, on `device` (cached per call)."""
@@ -63,14 +74,13 @@ class MixedBatch:
         rows = self._rows.get(key)
         if rows is None:
             n = len(self.names)
-            if batch == n:
-                repeat = 1
-            elif self.beams > 1 and batch == n * self.beams:
-                repeat = self.beams
-            else:
+            # Rows are batch-major: each example's beams, and each example's tokens when a layer flattens them.
+            allowed = {1, self.beams} | ({self.tokens, self.beams * self.tokens} if self.tokens else set())
+            repeat = batch // n if batch % n == 0 else 0
+            if repeat not in allowed:
                 raise ValueError(
                     f"adapter_names has {n} entries but a layer received a batch of {batch} rows. Pass one adapter "
-                    "name per example (and inputs with the batch in dimension 0)."
+                    "name per example, with the batch in dimension 0 of the inputs."
                 )
             slots = torch.tensor([self.slots.get(name, 0) for name in self.names], dtype=torch.long)
             rows = slots.repeat_interleave(repeat).to(device)

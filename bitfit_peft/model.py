@@ -12,6 +12,7 @@ import contextlib
 import weakref
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from peft.tuners.tuners_utils import (
     _get_tuner_state_dict_key_prefixes,
 )
 from peft.utils import _get_submodules
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
 from .config import BitFitConfig
@@ -98,6 +99,16 @@ class BitFitModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # Unlike BaseTuner's version, never copy weight/bias onto the new module: when unloading, the new module can
+        # be a saved task head with no weight of its own (RoBERTa's classification head).
+        setattr(parent, child_name, new_module)
+        if isinstance(new_module, BitFitLayer):
+            device = next((p.device for p in new_module.base_layer.parameters()), None)
+            if device is not None and device.type != "meta":
+                new_module.bitfit_delta.to(device)
+                new_module.bitfit_index.to(device)
+
     def inject_adapter(
         self,
         model: nn.Module,
@@ -155,23 +166,37 @@ class BitFitModel(BaseTuner):
                 f"adapter_names has {len(names)} entries but the batch has {batch.shape[0]} examples: "
                 "pass exactly one adapter name per example."
             )
-        beams = kwargs.get("num_beams") or 1
-        routing = MixedBatch(names, state["slots"], state["generation"], beams=beams)
-        expanded = [n for n in names for _ in range(beams)]
+        model_config = self.get_model_config(self.model)
+        if model_config.get("model_type") in ("deberta", "deberta-v2") and model_config.get("relative_attention"):
+            raise ValueError(
+                "Mixed-adapter batches are not supported on DeBERTa with relative attention: its relative-position "
+                "embeddings go through the attention projections once for the whole batch, so they cannot follow "
+                "one adapter per example. Group the batch by task and use set_adapter for each group."
+            )
+        routing = MixedBatch(names, state["slots"], state["generation"], beams=kwargs.get("num_beams") or 1)
+        handles = []
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        if isinstance(embeddings, nn.Module):
 
-        def head_hook(module: nn.Module, hook_args: tuple, hook_kwargs: dict) -> tuple[tuple, dict]:
-            x = hook_args[0] if hook_args else None
-            rows = x.shape[0] if isinstance(x, torch.Tensor) else len(names)
-            hook_kwargs["adapter_names"] = names if rows == len(names) else expanded
-            return hook_args, hook_kwargs
+            def record_tokens(module: nn.Module, hook_args: tuple) -> None:
+                if hook_args and isinstance(hook_args[0], torch.Tensor) and hook_args[0].dim() == 2:
+                    routing.tokens = hook_args[0].shape[1]
 
-        handles = [head.register_forward_pre_hook(head_hook, with_kwargs=True) for head in state["heads"]]
+            handles.append(embeddings.register_forward_pre_hook(record_tokens))
+        routed = [h for h in state["heads"] if isinstance(h, ModulesToSaveWrapper)]
+        for head in routed:
+            vars(head)["forward"] = partial(_routed_head_forward, head, routing)  # shadows the method until removed
+        for head in state["heads"]:
+            if head not in routed:  # other auxiliary wrappers route themselves from the adapter_names kwarg
+                handles.append(head.register_forward_pre_hook(partial(_names_kwarg, routing), with_kwargs=True))
         try:
             with mixed_batch(routing):
                 yield
         finally:
             for handle in handles:
                 handle.remove()
+            for head in routed:
+                del vars(head)["forward"]
 
     # ------------------------------------------------------------------ task arithmetic
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
@@ -271,6 +296,42 @@ class BitFitModel(BaseTuner):
                 "adapter onto the base model it was trained on, with the same BitFitConfig."
             )
         return remapped
+
+
+def _names_kwarg(routing: MixedBatch, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    x = args[0] if args else None
+    kwargs["adapter_names"] = routing.names_for(x.shape[0] if isinstance(x, torch.Tensor) else len(routing.names))
+    return args, kwargs
+
+
+def _routed_head_forward(wrapper: ModulesToSaveWrapper, routing: MixedBatch, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run each example through its adapter's copy of a task head (the base head for `__base__` or an adapter
+    without one), for heads of any structure: rows are grouped by adapter, one call per group, then put back."""
+    if wrapper.disable_adapters:
+        return wrapper.original_module(x, *args, **kwargs)
+    n = x.shape[0]
+    names = routing.names_for(n)
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    out: torch.Tensor | None = None
+    for name, rows in groups.items():
+        module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module  # noqa: SIM401
+        index = torch.tensor(rows, device=x.device)
+
+        def take(t: Any, index: torch.Tensor = index) -> Any:
+            return t.index_select(0, index) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
+
+        y = module(take(x), *(take(a) for a in args), **{k: take(v) for k, v in kwargs.items()})
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(
+                f"Mixed-adapter batches route task heads that return one tensor; {type(module).__name__} returned "
+                f"{type(y).__name__}. Group the batch by task and use set_adapter instead."
+            )
+        if out is None:
+            out = y.new_empty((n, *y.shape[1:]))
+        out.index_copy_(0, index, y)
+    return out
 
 
 def _check_against_model(model: nn.Module, adapter_name: str, remapped: dict[str, torch.Tensor]) -> str | None:
