@@ -270,27 +270,42 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
             if not names:
                 return None, None
             complete = len(names) == len(mixed.slots)
+            self._mixed_cache = None  # release the old table before allocating the new one
             table = torch.zeros((len(names) + 1, *self._shape), dtype=dtype, device=device)
             lookup = None if complete else torch.zeros(len(mixed.slots) + 1, dtype=torch.long, device=device)
             rows: dict[str, int] = {}
-            for row, name in enumerate(names, start=1):
-                rows[name] = row
-                if lookup is not None:
-                    lookup[mixed.slots[name]] = row
-            cache = {"generation": mixed.generation, "table": table, "lookup": lookup, "rows": rows, "seen": {}}
+            built: dict[str, tuple[int, int]] = {}
+            deltas, partial = self._delta_params(), self._index_buffers()
+            with torch.no_grad():
+                for row, name in enumerate(names, start=1):
+                    rows[name] = row
+                    if lookup is not None:
+                        lookup[mixed.slots[name]] = row
+                    param = deltas[name]
+                    table[row] = self.full_delta(name).to(device=device, dtype=dtype)
+                    if name not in partial and param.dtype == dtype and param.device == device:
+                        # The delta now lives in its table row (same Parameter object, new storage): resident
+                        # adapters cost their payload once, not once as parameters and again as the table.
+                        param.data = table[row]
+                    built[name] = (id(param), param._version)
+            cache = {"generation": mixed.generation, "table": table, "lookup": lookup, "rows": rows, "seen": built}
             self._mixed_cache = cache
         seen: dict[str, tuple[int, int]] = cache["seen"]
-        rows = cache["rows"]
+        rows, table = cache["rows"], cache["table"]
         deltas = self._delta_params()
         for name in mixed.unique:
             param = deltas.get(name)
             if param is None:
                 continue
             if seen.get(name) != (id(param), param._version):
-                with torch.no_grad():
-                    cache["table"][rows[name]] = self.full_delta(name).to(device=device, dtype=dtype)
+                # A delta that lives in its row is always current; others (fused slices, another dtype, a replaced
+                # Parameter) are copied in. Rows share one version counter, so checking the pointer avoids recopying.
+                row_ptr = table.data_ptr() + rows[name] * table[0].numel() * table.element_size()
+                if param.data_ptr() != row_ptr:
+                    with torch.no_grad():
+                        table[rows[name]] = self.full_delta(name).to(device=device, dtype=dtype)
                 seen[name] = (id(param), param._version)
-        return cache["table"], cache["lookup"]
+        return table, cache["lookup"]
 
     # ------------------------------------------------------------------ merge
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -494,3 +494,29 @@ def test_torch_compile_hotswap_needs_no_recompile_and_mixed_batches_stay_correct
     with torch.no_grad():
         mixed = compiled(**batch(), adapter_names=names).logits
     assert torch.allclose(mixed, logits(model, adapter_names=names), atol=1e-6)
+
+
+def test_mixed_table_shares_storage_with_the_deltas_and_training_still_works(tmp_path: Path) -> None:
+    """Resident adapters cost their payload once: after a mixed call, each full-width delta lives in its table row."""
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    model.add_adapter("b", BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    model.eval()
+    names = ["b", "default", "__base__", "b"]
+    before = logits(model, adapter_names=names)
+    layer = next(m for m in model.modules() if isinstance(m, BitFitLayer))
+    table = layer._mixed_cache["table"]  # type: ignore[index]
+    for name in ("default", "b"):
+        assert layer.bitfit_delta[name].untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
+    # training after serving writes the deltas (and so the table rows), and the next mixed call sees it
+    model.train()
+    model.set_adapter("b")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(**batch(), labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    opt.step()
+    model.eval()
+    after = logits(model, adapter_names=names)
+    assert torch.equal(after[1], before[1]) and not torch.allclose(after[0], before[0])
+    assert torch.allclose(after[0], logits(model)[0], atol=1e-6)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(bert(), str(tmp_path / "b")).eval()
+    assert torch.allclose(logits(reloaded), logits(model), atol=1e-6)
