@@ -4,8 +4,10 @@ Importing this package registers the method with peft (peft_type ``"BITFIT"``), 
 `PeftModel.from_pretrained`, `AutoPeftModel*` and transformers' `model.load_adapter` work with `BitFitConfig`.
 """
 
+from .analysis import BiasChange, bias_changes, bias_changes_from_state_dicts, bias_deltas, change_matrix
 from .checkpoint import check_adapter_file, hotswap_adapter
 from .config import BitFitConfig
+from .heads import MeanPooledSequenceClassifier, MeanPoolingHead, uses_mean_pooling
 from .layer import BitFitLayer
 from .mapping import BIAS_TERMS, classify_module
 from .mixed import BASE
@@ -18,6 +20,14 @@ __version__ = "0.1.0"
 __all__ = [
     "BASE",
     "BIAS_TERMS",
+    "BiasChange",
+    "MeanPooledSequenceClassifier",
+    "MeanPoolingHead",
+    "bias_changes",
+    "bias_changes_from_state_dicts",
+    "bias_deltas",
+    "change_matrix",
+    "uses_mean_pooling",
     "BitFitConfig",
     "BitFitLayer",
     "BitFitModel",

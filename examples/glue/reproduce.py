@@ -1,0 +1,207 @@
+"""Run a BitFit reproduction grid with `train.py`, then render its table and figures (`report.py`).
+
+The grid is tasks x variants x learning rates x seeds at one train size (the sweep), followed by a small-data
+curve: the curve variants at several train sizes, each at the learning rate the sweep picked for it on the
+curve task's dev set (as the paper picked per task on dev). Finished runs (with a results.json) are skipped,
+so an interrupted grid continues where it stopped.
+
+    python examples/glue/reproduce.py run --model "$MINILM" --data-root ../shared/data --out runs/repro
+    python examples/glue/reproduce.py report --out runs/repro --docs docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules when run as a script
+
+from data import GLUE_TASKS, get_task  # noqa: E402
+
+TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+
+# variant name -> (train.py --method, --bias-terms, --pooling)
+VARIANTS: dict[str, tuple[str, list[str] | None, str]] = {
+    "bitfit": ("bitfit", None, "auto"),
+    "bitfit_qm2": ("bitfit", ["query", "intermediate"], "auto"),
+    "bitfit_cls": ("bitfit", None, "cls"),
+    "full": ("full", None, "auto"),
+    "full_cls": ("full", None, "cls"),
+    "head": ("head", None, "auto"),
+    "lora": ("lora", None, "auto"),
+    "beft": ("beft", None, "auto"),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One train.py run of the grid."""
+
+    task: str
+    variant: str
+    lr: float
+    train_size: int
+    seed: int
+    epochs: int
+
+    def path(self, out: str) -> str:
+        return os.path.join(out, self.task, self.variant, f"lr{self.lr:g}", f"n{self.train_size}", f"s{self.seed}")
+
+
+def parse_lrs(spec: list[str]) -> dict[str, list[float]]:
+    """`["bitfit=1e-3,1e-2", "full=5e-5"]` -> {"bitfit": [0.001, 0.01], "full": [5e-05]}."""
+    out: dict[str, list[float]] = {}
+    for item in spec:
+        name, sep, values = item.partition("=")
+        if not sep or name not in VARIANTS:
+            raise ValueError(f"Bad --lrs entry '{item}': write VARIANT=LR[,LR...] with VARIANT in {list(VARIANTS)}.")
+        out[name] = [float(v) for v in values.split(",")]
+    return out
+
+
+def data_dir_for(task: str, data_root: str) -> str:
+    """GLUE tasks read `<root>/glue`, the single-sentence ones `<root>/sentence`."""
+    return os.path.join(data_root, "glue" if task in GLUE_TASKS else "sentence")
+
+
+def execute(run: Run, args: argparse.Namespace) -> dict:
+    """Run (or reuse) one grid cell and return its results.json."""
+    out = run.path(args.out)
+    results = os.path.join(out, "results.json")
+    if not os.path.isfile(results):
+        method, bias_terms, pooling = VARIANTS[run.variant]
+        if os.path.isdir(out):
+            shutil.rmtree(out)  # a run that died part-way: start it again
+        cmd = [
+            sys.executable, TRAIN_SCRIPT, "--model", args.model, "--task", run.task,
+            "--data-dir", data_dir_for(run.task, args.data_root), "--method", method, "--pooling", pooling,
+            "--lr", str(run.lr), "--epochs", str(run.epochs), "--train-size", str(run.train_size),
+            "--seed", str(run.seed), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+            "--output-dir", out, "--no-checkpoints", "--num-threads", str(args.num_threads), "--log-every", "5",
+        ]  # fmt: skip
+        if args.dev_size:
+            cmd += ["--dev-size", str(args.dev_size)]
+        if bias_terms:
+            cmd += ["--bias-terms", *bias_terms]
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        t0 = time.time()
+        log_path = out.rstrip("/") + ".log"
+        with open(log_path, "w") as log:
+            proc = subprocess.run(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(args.num_threads)}
+            )
+        if proc.returncode != 0:
+            raise RuntimeError(f"run failed ({proc.returncode}), see {log_path}: {' '.join(cmd)}")
+        if VARIANTS[run.variant][0] != "bitfit":  # only BitFit adapters feed the heatmap; drop big weights
+            for sub in ("", "final"):
+                for f in ("trainable.safetensors", "adapter_model.safetensors"):
+                    p = os.path.join(out, sub, f)
+                    if os.path.isfile(p) and os.path.getsize(p) > 5_000_000:
+                        os.remove(p)
+        print(f"[{time.strftime('%H:%M:%S')}] {out}: {time.time() - t0:.0f}s", flush=True)
+    with open(results) as f:
+        return json.load(f)
+
+
+def best_lr(results: list[dict], variant: str, task: str) -> float:
+    """The learning rate with the highest mean best-epoch dev metric over seeds."""
+    by_lr: dict[float, list[float]] = {}
+    for r in results:
+        if r["_variant"] == variant and r["task"] == task:
+            by_lr.setdefault(r["lr"], []).append(r["best"][r["main_metric"]])
+    if not by_lr:
+        raise ValueError(f"No sweep result for variant '{variant}' on task '{task}'.")
+    return max(by_lr, key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr]))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    lrs = parse_lrs(args.lrs)
+    for v in args.variants + (args.curve_variants if args.curve_sizes else []):
+        if v not in lrs:
+            raise ValueError(f"Variant '{v}' has no learning rate: add --lrs {v}=LR.")
+    for t in args.tasks:
+        get_task(t)
+    start = time.time()
+    done = []
+    # Sweep every learning rate on the first seed; the other seeds rerun the learning rate it picked per task.
+    for t in args.tasks:
+        for v in args.variants:
+            for lr in lrs[v]:
+                done.append(
+                    {**execute(Run(t, v, lr, args.train_size, args.seeds[0], args.epochs), args), "_variant": v}
+                )
+    for t in args.tasks:
+        for v in args.variants:
+            lr = best_lr(done, v, t)
+            for s in args.seeds[1:]:
+                done.append({**execute(Run(t, v, lr, args.train_size, s, args.epochs), args), "_variant": v})
+    for size in args.curve_sizes:
+        for v in args.curve_variants:
+            lr = best_lr(done, v, args.curve_task) if v in args.variants else lrs[v][0]
+            for s in args.curve_seeds:
+                execute(Run(args.curve_task, v, lr, size, s, args.epochs), args)
+    print(f"grid done in {time.time() - start:.0f}s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="Run the grid (skips finished runs).")
+    r.add_argument("--model", required=True)
+    r.add_argument("--data-root", default="../shared/data", help="Holds glue/ and sentence/.")
+    r.add_argument("--out", default="runs/repro")
+    r.add_argument("--tasks", nargs="+", default=["sst2", "stsb", "trec"])
+    r.add_argument("--variants", nargs="+", default=["bitfit", "bitfit_qm2", "full", "head"], choices=list(VARIANTS))
+    r.add_argument(
+        "--lrs",
+        nargs="+",
+        default=[
+            "bitfit=1e-3,1e-2",
+            "bitfit_qm2=1e-2",
+            "bitfit_cls=1e-2",
+            "full=3e-5,1e-4",
+            "full_cls=1e-4",
+            "head=1e-2",
+            "lora=1e-3",
+            "beft=1e-2",
+        ],
+    )
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="The first seed sweeps the learning rates.")
+    r.add_argument("--train-size", type=int, default=500)
+    r.add_argument("--epochs", type=int, default=3)
+    r.add_argument("--curve-task", default="sst2")
+    r.add_argument(
+        "--curve-variants", nargs="+", default=["bitfit", "bitfit_qm2", "full", "head"], choices=list(VARIANTS)
+    )
+    r.add_argument("--curve-sizes", nargs="*", type=int, default=[250, 1000])
+    r.add_argument("--curve-seeds", nargs="+", type=int, default=[0])
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--max-length", type=int, default=64)
+    r.add_argument("--dev-size", type=int, default=500, help="Fixed dev subset per task (0 = whole dev set).")
+    r.add_argument("--num-threads", type=int, default=1)
+    rep = sub.add_parser("report", help="Render the Markdown table and PNG figures from finished runs.")
+    rep.add_argument("--out", default="runs/repro")
+    rep.add_argument("--docs", default="docs", help="Writes <docs>/figures/*.png (and <out>/results_table.md).")
+    rep.add_argument("--model", default=None, help="Base model, to reload BitFit adapters for the heatmap.")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "run":
+            cmd_run(args)
+        else:
+            from report import render
+
+            render(args.out, args.docs, args.model)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

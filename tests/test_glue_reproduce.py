@@ -1,0 +1,58 @@
+"""examples/glue/reproduce.py and report.py: grid layout, learning-rate pick, Markdown table and PNG figures."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+from glue_helpers import make_tiny_glue, make_tiny_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+import report  # noqa: E402  (examples/glue, on sys.path through glue_helpers)
+import reproduce  # noqa: E402
+import train  # noqa: E402
+
+
+def test_grid_report_renders_table_and_figures(tmp_path: pathlib.Path) -> None:
+    model = make_tiny_model(tmp_path / "model", dropout=0.0, sentence_transformers=True)
+    data = make_tiny_glue(tmp_path / "data")
+    out = tmp_path / "grid"
+    cells = [("bitfit", 1e-3, 64), ("bitfit", 3e-2, 64), ("head", 1e-2, 64), ("head", 1e-2, 32), ("full", 1e-3, 64)]
+    for variant, lr, n in cells:
+        method, terms, pooling = reproduce.VARIANTS[variant]
+        run = reproduce.Run("sst2", variant, lr, n, 0, 2)
+        argv = ["--model", model, "--data-dir", data, "--task", "sst2", "--method", method, "--pooling", pooling]
+        argv += ["--lr", str(lr), "--epochs", "2", "--train-size", str(n), "--batch-size", "8", "--no-checkpoints"]
+        assert train.main([*argv, "--output-dir", run.path(str(out))]) == 0
+
+    runs = report.load_runs(str(out))
+    assert {r["_variant"] for r in runs} == {"bitfit", "head", "full"}
+    assert report.main_size(runs, "sst2") == 64
+    best_bitfit = max((r for r in runs if r["_variant"] == "bitfit"), key=lambda r: r["_score"])
+    picked = report.pick(runs, "sst2", "bitfit", 64)
+    assert picked is not None and picked[0] == best_bitfit["lr"]
+
+    docs = tmp_path / "docs"
+    report.render(str(out), str(docs))
+    text = (out / "results_table.md").read_text()
+    assert "| BitFit (all biases) |" in text and "| Head only | 66 |" in text
+    assert "||Δb||₁ / dim per term and layer" in text and "| sst2 | query |" in text
+    for name in ("small_data.png", "loss_curves.png", "bias_change.png"):
+        png = docs / "figures" / name
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000
+
+
+def test_grid_arguments_are_checked() -> None:
+    assert reproduce.parse_lrs(["bitfit=1e-3,1e-2", "full=5e-5"]) == {"bitfit": [1e-3, 1e-2], "full": [5e-5]}
+    with pytest.raises(ValueError, match=r"Bad --lrs entry 'bitfit:1e-3': write VARIANT=LR"):
+        reproduce.parse_lrs(["bitfit:1e-3"])
+    with pytest.raises(ValueError, match=r"Bad --lrs entry 'adam=1'"):
+        reproduce.parse_lrs(["adam=1"])
+    assert reproduce.main(["run", "--model", "m", "--variants", "bitfit", "--lrs", "full=1e-4", "--curve-sizes"]) == 2
+    with pytest.raises(ValueError, match=r"No finished run under"):
+        report.load_runs("/nonexistent")
