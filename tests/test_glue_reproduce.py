@@ -40,7 +40,7 @@ def test_grid_report_renders_table_and_figures(tmp_path: pathlib.Path) -> None:
     docs = tmp_path / "docs"
     report.render(str(out), str(docs))
     text = (out / "results_table.md").read_text()
-    assert "| BitFit (all biases) |" in text and "| Head only | 66 |" in text
+    assert "| BitFit (all biases) |" in text and "| Head only | 66 (sst2) |" in text
     assert "||Δb||₁ / dim per term and layer" in text and "| sst2 | query |" in text
     for name in ("small_data.png", "loss_curves.png", "bias_change.png"):
         png = docs / "figures" / name
