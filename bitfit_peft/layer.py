@@ -8,7 +8,8 @@ overrides `forward`) get the delta added to their output instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -61,6 +62,14 @@ _FOLDS: tuple[tuple[type[nn.Module], Fold], ...] = (
 _current_mixed_batch_eager = torch.compiler.disable(current_mixed_batch)
 
 
+@contextlib.contextmanager
+def _state_update() -> Iterator[None]:
+    """For caches and tables that outlive the call: plain tensors even when the caller runs under
+    `torch.inference_mode()` (inference tensors could not be updated, or hold Parameters, afterwards)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 def _fold_for(layer: nn.Module) -> Fold | None:
     for cls, fold in _FOLDS:
         if isinstance(layer, cls) and type(layer).forward is cls.forward:
@@ -108,6 +117,7 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         self._premerge_bias: torch.Tensor | None = None
         self._mixed_cache: dict[str, Any] | None = None
         self._bias_cache: tuple[Any, torch.Tensor] | None = None
+        self._grad_on: set[str] = set()  # adapters whose deltas set_adapter made trainable
         self.update_layer(adapter_name, init_weights=init_weights, positions=positions)
 
     # Hot-path accessors: plain dicts, read without going through nn.Module.__getattr__.
@@ -129,11 +139,39 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         delta = torch.zeros(shape, dtype=torch.float32, device=device)
         if not init_weights:
             nn.init.normal_(delta, std=0.05)
-        self.bitfit_delta[adapter_name] = nn.Parameter(delta)
+        self.bitfit_delta[adapter_name] = nn.Parameter(delta, requires_grad=adapter_name in self.active_adapters)
+        if adapter_name in self.active_adapters:
+            self._grad_on.add(adapter_name)
         if positions is not None:
             self.bitfit_index[adapter_name] = torch.tensor(positions, dtype=torch.long, device=device)
         self._mixed_cache = None
-        self.set_adapter(self.active_adapters)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate `adapter_names` (trainable unless `inference_mode`), freezing the previously trainable deltas.
+
+        peft's version visits every resident adapter of every layer, which makes loading the N-th adapter O(N);
+        here only the adapters that change state are touched.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        deltas = self._delta_params()
+        want = set() if inference_mode else {n for n in names if n in deltas}
+        for name in self._grad_on - want:
+            if name in deltas:
+                deltas[name].requires_grad_(False)
+        for name in want:
+            deltas[name].requires_grad_(True)
+        self._grad_on = want
+        self._active_adapter = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        super().enable_adapters(enabled)
+        if not enabled:
+            self._grad_on = set()
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        self._grad_on = (self._grad_on | names) if requires_grad else (self._grad_on - names)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -192,7 +230,7 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         key = (tuple((id(p), p._version) for p in params), id(bias), None if bias is None else bias._version)
         cached = self._bias_cache
         if cached is None or cached[0] != key:
-            with torch.no_grad():
+            with _state_update():
                 cached = (key, self._with_base_bias(self._active_delta(names)))
             self._bias_cache = cached
         return cached[1]
@@ -271,12 +309,12 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
                 return None, None
             complete = len(names) == len(mixed.slots)
             self._mixed_cache = None  # release the old table before allocating the new one
-            table = torch.zeros((len(names) + 1, *self._shape), dtype=dtype, device=device)
-            lookup = None if complete else torch.zeros(len(mixed.slots) + 1, dtype=torch.long, device=device)
             rows: dict[str, int] = {}
             built: dict[str, tuple[int, int]] = {}
             deltas, partial = self._delta_params(), self._index_buffers()
-            with torch.no_grad():
+            with _state_update():
+                table = torch.zeros((len(names) + 1, *self._shape), dtype=dtype, device=device)
+                lookup = None if complete else torch.zeros(len(mixed.slots) + 1, dtype=torch.long, device=device)
                 for row, name in enumerate(names, start=1):
                     rows[name] = row
                     if lookup is not None:
@@ -302,7 +340,7 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
                 # Parameter) are copied in. Rows share one version counter, so checking the pointer avoids recopying.
                 row_ptr = table.data_ptr() + rows[name] * table[0].numel() * table.element_size()
                 if param.data_ptr() != row_ptr:
-                    with torch.no_grad():
+                    with _state_update():
                         table[rows[name]] = self.full_delta(name).to(device=device, dtype=dtype)
                 seen[name] = (id(param), param._version)
         return table, cache["lookup"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -105,7 +105,7 @@ def mixed_batch(batch: MixedBatch) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
-def check_names(names: Sequence[str], known: set[str]) -> list[str]:
+def check_names(names: Sequence[str], known: Mapping[str, int]) -> list[str]:
     """Validate `adapter_names`: a list of str, each a resident adapter or `"__base__"`."""
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise TypeError(
@@ -116,7 +116,8 @@ def check_names(names: Sequence[str], known: set[str]) -> list[str]:
     bad = sorted({n for n in names if n != BASE and n not in known})
     if bad:
         raise ValueError(
-            f"Unknown adapter name(s) in adapter_names: {bad}. Resident adapters: {sorted(known)}; "
+            f"Unknown adapter name(s) in adapter_names: {bad}. Resident adapters ({len(known)}): "
+            f"{sorted(known)[:10]}{' ...' if len(known) > 10 else ''}; "
             f'use "{BASE}" for the base model.'
         )
     return names

@@ -19,8 +19,6 @@ import torch
 from peft.tuners.tuners_utils import (
     BaseTuner,
     _delete_auxiliary_adapter,
-    _filter_state_dict_by_key_prefixes,
-    _get_tuner_state_dict_key_prefixes,
 )
 from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
@@ -137,6 +135,10 @@ class BitFitModel(BaseTuner):
                 "generation": new_generation(),
                 "layers": [m for m in self.model.modules() if isinstance(m, BitFitLayer)],
                 "heads": [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)],
+                # DeBERTa's relative-position embeddings go through targeted layers once for the whole batch
+                "shared_rows": getattr(getattr(self.model, "config", None), "model_type", None)
+                in ("deberta", "deberta-v2")
+                and bool(getattr(self.model.config, "relative_attention", False)),
             }
             self._routing = state
         return state
@@ -153,7 +155,7 @@ class BitFitModel(BaseTuner):
                 "tasks, train each adapter with set_adapter."
             )
         state = self._routing_state()
-        names = check_names(adapter_names, set(state["slots"]))
+        names = check_names(adapter_names, state["slots"])
         merged = sorted({n for layer in state["layers"] for n in layer.merged_adapters})
         if merged:
             raise ValueError(
@@ -166,8 +168,7 @@ class BitFitModel(BaseTuner):
                 f"adapter_names has {len(names)} entries but the batch has {batch.shape[0]} examples: "
                 "pass exactly one adapter name per example."
             )
-        model_config = self.get_model_config(self.model)
-        if model_config.get("model_type") in ("deberta", "deberta-v2") and model_config.get("relative_attention"):
+        if state["shared_rows"]:
             raise ValueError(
                 "Mixed-adapter batches are not supported on DeBERTa with relative attention: its relative-position "
                 "embeddings go through the attention projections once for the whole batch, so they cannot follow "
@@ -335,16 +336,17 @@ def _routed_head_forward(wrapper: ModulesToSaveWrapper, routing: MixedBatch, x: 
 
 
 def _check_against_model(model: nn.Module, adapter_name: str, remapped: dict[str, torch.Tensor]) -> str | None:
-    """Describe the first mismatch between a checkpoint and the adapter just injected, or None."""
-    model_state = model.state_dict()
-    expected = _filter_state_dict_by_key_prefixes(
-        model_state, _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-    )
+    """Describe the first mismatch between a checkpoint and the adapter just injected, or None.
 
-    def in_model(key: str) -> str:
-        return key if key in model_state else key.removeprefix(_PEFT_PREFIX)
-
-    loaded = {in_model(k): v for k, v in remapped.items()}
+    Walks the modules rather than `model.state_dict()`, whose size grows with every resident adapter.
+    """
+    expected: dict[str, torch.Tensor] = {}
+    for key, module in model.named_modules():
+        if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta:
+            expected[f"{key}.{PREFIX}delta.{adapter_name}".removeprefix(_PEFT_PREFIX)] = module.bitfit_delta[
+                adapter_name
+            ]
+    loaded = {k.removeprefix(_PEFT_PREFIX): v for k, v in remapped.items()}
     unexpected = sorted(k for k in loaded if f".{PREFIX}" in k and k not in expected)
     missing = sorted(k for k in expected if k not in loaded)
     if unexpected:
@@ -352,10 +354,16 @@ def _check_against_model(model: nn.Module, adapter_name: str, remapped: dict[str
     if missing:
         return f"missing deltas for modules {[k.rsplit('.' + PREFIX, 1)[0] for k in missing[:3]]}"
     for key, value in loaded.items():
-        if key in model_state and tuple(value.shape) != tuple(model_state[key].shape):
+        target: torch.Tensor | None = expected.get(key)
+        if target is None:  # a task head or other saved module: look it up by name
+            for candidate in (key, _PEFT_PREFIX + key):
+                with contextlib.suppress(AttributeError):
+                    target = model.get_parameter(candidate)
+                    break
+        if target is not None and tuple(value.shape) != tuple(target.shape):
             return (
                 f"{key.removesuffix('.' + adapter_name)} has shape {tuple(value.shape)} in the checkpoint but "
-                f"{tuple(model_state[key].shape)} in the model; the checkpoint comes from another base model"
+                f"{tuple(target.shape)} in the model; the checkpoint comes from another base model"
             )
         if key in expected and not value.is_floating_point():
             return f"{key} has dtype {value.dtype}; deltas must be floating point"

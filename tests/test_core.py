@@ -520,3 +520,43 @@ def test_mixed_table_shares_storage_with_the_deltas_and_training_still_works(tmp
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(bert(), str(tmp_path / "b")).eval()
     assert torch.allclose(logits(reloaded), logits(model), atol=1e-6)
+
+
+def test_mixed_batch_under_inference_mode_leaves_adapters_usable() -> None:
+    """Regression: tables built under torch.inference_mode() made the deltas inference tensors, so set_adapter
+    (requires_grad=True) and training failed afterwards."""
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    model.add_adapter("b", BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    model.eval()
+    names = ["b", "default", "__base__", "b"]
+    with torch.inference_mode():
+        first = model(**batch(), adapter_names=names).logits
+        model.set_adapter("b")
+        single = model(**batch()).logits
+    assert torch.allclose(first[0], single[0], atol=1e-6)
+    model.set_adapter("default")
+    model.train()
+    model(**batch(), labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".bitfit_delta.default" in n)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**batch(), adapter_names=names).logits, first, atol=1e-6)
+
+
+def test_set_adapter_touches_only_the_adapters_that_change() -> None:
+    # a model without a task head: peft allows only one active head copy at a time
+    model = get_peft_model(transformers.BertModel(transformers.BertConfig(**BERT)), BitFitConfig())
+    for i in range(3):
+        model.add_adapter(f"t{i}", BitFitConfig())
+
+    def trainable() -> set[str]:
+        return {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad and "bitfit" in n}
+
+    assert trainable() == {"default"}
+    model.set_adapter("t1")
+    assert trainable() == {"t1"}
+    model.base_model.set_adapter(["t0", "t2"])
+    assert trainable() == {"t0", "t2"}
+    with model.disable_adapter():
+        assert trainable() == set()
+    assert trainable() == {"t0", "t2"}
