@@ -98,4 +98,4 @@ def hotswap_adapter(model: nn.Module, model_id: str | dict[str, torch.Tensor], a
             param.copy_(state[key])
 
 
-__all__: list[Any] = ["check_adapter_file", "hotswap_adapter"]
+__all__ = ["check_adapter_file", "hotswap_adapter"]
