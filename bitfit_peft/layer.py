@@ -304,13 +304,12 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
             or cache["table"].dtype != dtype
         ):
             names = sorted((n for n in self.bitfit_delta if n in mixed.slots), key=mixed.slots.__getitem__)
-            # (id, version) of the Parameter each row was copied from; a row is refreshed when they change
             if not names:
                 return None, None
             complete = len(names) == len(mixed.slots)
             self._mixed_cache = None  # release the old table before allocating the new one
             rows: dict[str, int] = {}
-            built: dict[str, tuple[int, int]] = {}
+            built: dict[str, tuple[int, int]] = {}  # (id, version) of the Parameter each row was built from
             deltas, partial = self._delta_params(), self._index_buffers()
             with _state_update():
                 table = torch.zeros((len(names) + 1, *self._shape), dtype=dtype, device=device)

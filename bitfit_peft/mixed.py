@@ -60,12 +60,24 @@ class MixedBatch:
     def __post_init__(self) -> None:
         self.unique = tuple(dict.fromkeys(n for n in self.names if n != BASE))
 
-    def names_for(self, batch: int) -> list[str]:
-        """The adapter name of each of `batch` rows (see `rows_for`)."""
+    def _repeat(self, batch: int, flattened: bool) -> int:
+        """How many consecutive rows each example has in an input of `batch` rows. Rows are batch-major: each
+        example's beams and, when a layer flattens them (`flattened`), each example's tokens."""
         n = len(self.names)
+        allowed = {1, self.beams}
+        if flattened and self.tokens:
+            allowed |= {self.tokens, self.beams * self.tokens}
         repeat = batch // n if batch % n == 0 else 0
-        if repeat not in {1, self.beams}:
-            raise ValueError(f"adapter_names has {n} entries but a task head received {batch} rows.")
+        if repeat not in allowed:
+            raise ValueError(
+                f"adapter_names has {n} entries but a layer received a batch of {batch} rows. Pass one adapter "
+                "name per example, with the batch in dimension 0 of the inputs."
+            )
+        return repeat
+
+    def names_for(self, batch: int) -> list[str]:
+        """The adapter name of each of `batch` rows of a task head's input (see `rows_for`)."""
+        repeat = self._repeat(batch, flattened=False)
         return [name for name in self.names for _ in range(repeat)]
 
     def rows_for(self, batch: int, device: torch.device) -> torch.Tensor:
@@ -73,15 +85,7 @@ class MixedBatch:
         key = (batch, device)
         rows = self._rows.get(key)
         if rows is None:
-            n = len(self.names)
-            # Rows are batch-major: each example's beams, and each example's tokens when a layer flattens them.
-            allowed = {1, self.beams} | ({self.tokens, self.beams * self.tokens} if self.tokens else set())
-            repeat = batch // n if batch % n == 0 else 0
-            if repeat not in allowed:
-                raise ValueError(
-                    f"adapter_names has {n} entries but a layer received a batch of {batch} rows. Pass one adapter "
-                    "name per example, with the batch in dimension 0 of the inputs."
-                )
+            repeat = self._repeat(batch, flattened=True)
             slots = torch.tensor([self.slots.get(name, 0) for name in self.names], dtype=torch.long)
             rows = slots.repeat_interleave(repeat).to(device)
             self._rows[key] = rows

@@ -99,13 +99,9 @@ class BitFitModel(BaseTuner):
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # Unlike BaseTuner's version, never copy weight/bias onto the new module: when unloading, the new module can
-        # be a saved task head with no weight of its own (RoBERTa's classification head).
+        # be a saved task head with no weight of its own (RoBERTa's classification head). No device move either:
+        # BitFitLayer.update_layer already creates the deltas on the base layer's device.
         setattr(parent, child_name, new_module)
-        if isinstance(new_module, BitFitLayer):
-            device = next((p.device for p in new_module.base_layer.parameters()), None)
-            if device is not None and device.type != "meta":
-                new_module.bitfit_delta.to(device)
-                new_module.bitfit_index.to(device)
 
     def inject_adapter(
         self,
