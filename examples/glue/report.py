@@ -1,7 +1,7 @@
 """Render a reproduction grid (from `reproduce.py run`): Markdown tables and PNG figures.
 
-Writes `<out>/results_table.md` (dev metric per task and variant, mean ± std over seeds at the learning rate
-picked on the first seed, plus the whole sweep) and, under `<docs>/figures/`: `small_data.png` (dev metric
+Writes `<out>/results_table.md` (dev metric per task and variant, mean ± std over seeds at the (learning rate,
+epochs) picked on the first seed, plus the whole sweep) and, under `<docs>/figures/`: `small_data.png` (dev metric
 against train size), `loss_curves.png` (training loss per variant and learning rate) and `bias_change.png`
 (the paper's Figure 1: per-layer, per-term `||Δb||_1 / dim` of the BitFit adapters).
 """
@@ -33,12 +33,12 @@ LABELS = {
 
 
 def load_runs(out: str) -> list[dict[str, Any]]:
-    """Every finished run under `out` (`<task>/<variant>/lr<lr>/n<size>/s<seed>/results.json`)."""
+    """Every finished run under `out` (`<task>/<variant>/lr<lr>/e<epochs>/n<size>/s<seed>/results.json`)."""
     runs = []
-    for path in sorted(glob.glob(os.path.join(out, "*", "*", "lr*", "n*", "s*", "results.json"))):
+    for path in sorted(glob.glob(os.path.join(out, "*", "*", "lr*", "e*", "n*", "s*", "results.json"))):
         with open(path) as f:
             r = json.load(f)
-        r["_variant"] = path.split(os.sep)[-5]
+        r["_variant"] = path.split(os.sep)[-6]
         r["_dir"] = os.path.dirname(path)
         r["_score"] = r["best"][r["main_metric"]]
         runs.append(r)
@@ -56,14 +56,17 @@ def main_size(runs: list[dict[str, Any]], task: str) -> int:
     return max(counts, key=lambda n: (counts[n], -n))
 
 
-def pick(runs: list[dict[str, Any]], task: str, variant: str, size: int) -> tuple[float, list[dict[str, Any]]] | None:
-    """The learning rate that scored best on the first seed, and all seeds' runs at it."""
+def pick(
+    runs: list[dict[str, Any]], task: str, variant: str, size: int
+) -> tuple[tuple[float, int], list[dict[str, Any]]] | None:
+    """The (learning rate, epochs) that scored best on the first seed, and all seeds' runs at it."""
     cell = [r for r in runs if r["task"] == task and r["_variant"] == variant and r["train_size"] == size]
     if not cell:
         return None
     first_seed = min(r["seed"] for r in cell)
-    lr = max((r for r in cell if r["seed"] == first_seed), key=lambda r: r["_score"])["lr"]
-    return lr, [r for r in cell if r["lr"] == lr]
+    best = max((r for r in cell if r["seed"] == first_seed), key=lambda r: r["_score"])
+    config = (best["lr"], best["epochs"])
+    return config, [r for r in cell if (r["lr"], r["epochs"]) == config]
 
 
 def _fmt(values: list[float]) -> str:
@@ -91,22 +94,23 @@ def table(runs: list[dict[str, Any]]) -> str:
             if got is None:
                 cells.append("–")
                 continue
-            lr, cell = got
+            (lr, epochs), cell = got
             params = params or f"{cell[0]['trainable_params']:,} ({t})"  # the head's size depends on the task
-            cells.append(
-                f"{_fmt([r['_score'] for r in cell])} (lr {lr:g}, {len(cell)} seed{'s' if len(cell) > 1 else ''})"
-            )
+            seeds = f"{len(cell)} seed{'s' if len(cell) > 1 else ''}"
+            cells.append(f"{_fmt([r['_score'] for r in cell])} (lr {lr:g}, {epochs} ep, {seeds})")
         lines.append(f"| {LABELS[v]} | {params} | " + " | ".join(cells) + " |")
     sweep = [
-        "| task | method | lr | n | seed | best dev | best epoch | per-epoch dev | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | method | lr | epochs | n | seed | best dev | best epoch | per-epoch dev | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    order = list(LABELS)
     for r in sorted(
-        runs, key=lambda r: (r["task"], list(LABELS).index(r["_variant"]), r["train_size"], r["lr"], r["seed"])
+        runs, key=lambda r: (r["task"], order.index(r["_variant"]), r["train_size"], r["lr"], r["epochs"], r["seed"])
     ):
         per_epoch = ", ".join(f"{100 * e[r['main_metric']]:.1f}" for e in r["dev"])
         sweep.append(
-            f"| {r['task']} | {r['_variant']} | {r['lr']:g} | {r['train_size']} | {r['seed']} | {100 * r['_score']:.1f} | "
+            f"| {r['task']} | {r['_variant']} | {r['lr']:g} | {r['epochs']} | {r['train_size']} | {r['seed']} | "
+            f"{100 * r['_score']:.1f} | "
             f"{r['best']['epoch']} | {per_epoch} | {r.get('wall_time_s', 0):.0f} |"
         )
     total = sum(r.get("wall_time_s", 0) for r in runs)
@@ -117,20 +121,32 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 
 def plot_small_data(runs: list[dict[str, Any]], path: str, task: str = "sst2") -> None:
+    """Dev metric against train size: mean over seeds at each size's picked setting, bars = min to max."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    seeds = set()
     for v in ("bitfit", "bitfit_qm2", "full", "head"):
         sizes = sorted({r["train_size"] for r in runs if r["task"] == task and r["_variant"] == v})
-        points = []
+        xs, ys, lo, hi = [], [], [], []
+        main = pick(runs, task, v, main_size(runs, task))
         for n in sizes:
-            got = pick(runs, task, v, n)
+            # Every size at the setting picked at the sweep's size (as reproduce.py runs the curve), if it ran.
+            at_main = [r for r in runs if (r["task"], r["_variant"], r["train_size"]) == (task, v, n)]
+            at_main = [r for r in at_main if main and (r["lr"], r["epochs"]) == main[0]]
+            got = (main[0], at_main) if main and at_main else pick(runs, task, v, n)
             if got:
-                points.append((n, mean(r["_score"] for r in got[1] if r["seed"] == min(x["seed"] for x in got[1]))))
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=LABELS[v])
+                scores = [100 * r["_score"] for r in got[1]]
+                seeds.add(len(scores))
+                xs.append(n)
+                ys.append(mean(scores))
+                lo.append(mean(scores) - min(scores))
+                hi.append(max(scores) - mean(scores))
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=LABELS[v])
     ax.set_xscale("log")
     ax.set_xlabel("training examples")
-    ax.set_ylabel(f"{task} dev accuracy")
-    ax.set_title(f"Small-data curve ({task}, seed 0)")
+    ax.set_ylabel(f"{task} dev {'accuracy' if task != 'stsb' else 'Pearson'} (×100)")
+    span = f"{min(seeds)}–{max(seeds)} seeds" if len(seeds) > 1 else f"{next(iter(seeds), 0)} seed(s)"
+    ax.set_title(f"Small-data curve ({task}; mean, min–max over {span})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -139,16 +155,37 @@ def plot_small_data(runs: list[dict[str, Any]], path: str, task: str = "sst2") -
 
 
 def plot_loss_curves(runs: list[dict[str, Any]], path: str) -> None:
+    """Training loss against epoch, first seed, per task: the picked setting bold, the rest of the sweep thin."""
     tasks = sorted({r["task"] for r in runs})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
+    colors = dict(zip(LABELS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     for ax, task in zip(axes[0], tasks, strict=True):
         n = main_size(runs, task)
-        for r in runs:
-            if r["task"] == task and r["train_size"] == n and r["seed"] == 0 and r["train_loss"]:
+        for v in LABELS:
+            got = pick(runs, task, v, n)
+            if got is None:
+                continue
+            first_seed = min(r["seed"] for r in runs if r["task"] == task and r["_variant"] == v)
+            for r in runs:
+                if (r["task"], r["_variant"], r["train_size"], r["seed"]) != (task, v, n, first_seed):
+                    continue
+                if not r["train_loss"]:
+                    continue
+                steps_per_epoch = r["dev"][0]["step"] if r["dev"] and "step" in r["dev"][0] else None
                 steps, losses = zip(*r["train_loss"], strict=True)
-                ax.plot(steps, losses, label=f"{r['_variant']} lr {r['lr']:g}", lw=1)
-        ax.set_title(f"{task}: training loss (n={n}, seed 0)")
-        ax.set_xlabel("optimizer step")
+                xs = [s / steps_per_epoch for s in steps] if steps_per_epoch else list(steps)
+                picked = (r["lr"], r["epochs"]) == got[0]
+                ax.plot(
+                    xs,
+                    losses,
+                    color=colors[v],
+                    lw=1.6 if picked else 0.6,
+                    alpha=1.0 if picked else 0.45,
+                    label=f"{v} (lr {r['lr']:g}, {r['epochs']} ep)" if picked else None,
+                )
+        ax.set_title(f"{task}: training loss (n={n}, first seed)", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
@@ -183,7 +220,7 @@ def plot_bias_change(runs: list[dict[str, Any]], path: str, model_path: str | No
         got = pick(runs, task, "bitfit", main_size(runs, task))
         if got is None:
             continue
-        run = min(got[1], key=lambda r: r["seed"])
+        run = min(got[1], key=lambda r: r["seed"])  # first seed at the picked setting
         terms, layers, matrix = change_matrix(bias_changes(_load_bitfit(run, model_path)))
         out[task] = {"terms": list(terms), "layers": layers, "matrix": matrix.round(5).tolist(), "lr": run["lr"]}
         im = ax.imshow(matrix, cmap="viridis", aspect="auto")

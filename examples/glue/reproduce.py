@@ -1,9 +1,10 @@
 """Run a BitFit reproduction grid with `train.py`, then render its table and figures (`report.py`).
 
-The grid is tasks x variants x learning rates x seeds at one train size (the sweep), followed by a small-data
-curve: the curve variants at several train sizes, each at the learning rate the sweep picked for it on the
-curve task's dev set (as the paper picked per task on dev). Finished runs (with a results.json) are skipped,
-so an interrupted grid continues where it stopped.
+The grid is tasks x variants x learning rates x epochs on the first seed at one train size (the sweep); the
+other seeds rerun the (learning rate, epochs) the sweep picked per task and variant on dev, as the paper picked
+per task; then a small-data curve runs the curve variants at several train sizes with the setting picked on the
+curve task. Runs go `--jobs` at a time. Finished runs (with a results.json) are skipped, so an interrupted grid
+continues where it stopped.
 
     python examples/glue/reproduce.py run --model "$MINILM" --data-root ../shared/data --out runs/repro
     python examples/glue/reproduce.py report --out runs/repro --docs docs
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules when run as a script
@@ -51,17 +53,25 @@ class Run:
     epochs: int
 
     def path(self, out: str) -> str:
-        return os.path.join(out, self.task, self.variant, f"lr{self.lr:g}", f"n{self.train_size}", f"s{self.seed}")
+        return os.path.join(
+            out, self.task, self.variant, f"lr{self.lr:g}", f"e{self.epochs}", f"n{self.train_size}", f"s{self.seed}"
+        )
 
 
-def parse_lrs(spec: list[str]) -> dict[str, list[float]]:
-    """`["bitfit=1e-3,1e-2", "full=5e-5"]` -> {"bitfit": [0.001, 0.01], "full": [5e-05]}."""
-    out: dict[str, list[float]] = {}
+def parse_lrs(spec: list[str], option: str = "--lrs", kind: type = float) -> dict[str, list]:
+    """`["bitfit=1e-3,1e-2", "full=5e-5"]` -> {"bitfit": [0.001, 0.01], "full": [5e-05]} (also `--epoch-grid`)."""
+    out: dict[str, list] = {}
     for item in spec:
         name, sep, values = item.partition("=")
-        if not sep or name not in VARIANTS:
-            raise ValueError(f"Bad --lrs entry '{item}': write VARIANT=LR[,LR...] with VARIANT in {list(VARIANTS)}.")
-        out[name] = [float(v) for v in values.split(",")]
+        try:
+            if not sep or name not in VARIANTS:
+                raise ValueError
+            out[name] = [kind(v) for v in values.split(",")]
+        except ValueError:
+            what = "LR" if kind is float else "EPOCHS"
+            raise ValueError(
+                f"Bad {option} entry '{item}': write VARIANT={what}[,{what}...] with VARIANT in {list(VARIANTS)}."
+            ) from None
     return out
 
 
@@ -109,43 +119,64 @@ def execute(run: Run, args: argparse.Namespace) -> dict:
         return json.load(f)
 
 
-def best_lr(results: list[dict], variant: str, task: str) -> float:
-    """The learning rate with the highest mean best-epoch dev metric over seeds."""
-    by_lr: dict[float, list[float]] = {}
+def best_config(results: list[dict], variant: str, task: str) -> tuple[float, int]:
+    """The (learning rate, epochs) with the highest mean best-epoch dev metric over seeds."""
+    by_config: dict[tuple[float, int], list[float]] = {}
     for r in results:
         if r["_variant"] == variant and r["task"] == task:
-            by_lr.setdefault(r["lr"], []).append(r["best"][r["main_metric"]])
-    if not by_lr:
+            by_config.setdefault((r["lr"], r["epochs"]), []).append(r["best"][r["main_metric"]])
+    if not by_config:
         raise ValueError(f"No sweep result for variant '{variant}' on task '{task}'.")
-    return max(by_lr, key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr]))
+    return max(by_config, key=lambda c: sum(by_config[c]) / len(by_config[c]))
+
+
+def run_all(runs: list[Run], args: argparse.Namespace) -> list[dict]:
+    """Execute `runs`, `args.jobs` at a time (each a subprocess of `args.num_threads` threads), in order."""
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(lambda run: execute(run, args), runs))
+    return [{**r, "_variant": run.variant} for run, r in zip(runs, results, strict=True)]
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     lrs = parse_lrs(args.lrs)
+    epochs = {v: [args.epochs] for v in VARIANTS} | parse_lrs(args.epoch_grid, "--epoch-grid", int)
     for v in args.variants + (args.curve_variants if args.curve_sizes else []):
         if v not in lrs:
             raise ValueError(f"Variant '{v}' has no learning rate: add --lrs {v}=LR.")
     for t in args.tasks:
         get_task(t)
     start = time.time()
-    done = []
-    # Sweep every learning rate on the first seed; the other seeds rerun the learning rate it picked per task.
-    for t in args.tasks:
-        for v in args.variants:
-            for lr in lrs[v]:
-                done.append(
-                    {**execute(Run(t, v, lr, args.train_size, args.seeds[0], args.epochs), args), "_variant": v}
-                )
-    for t in args.tasks:
-        for v in args.variants:
-            lr = best_lr(done, v, t)
-            for s in args.seeds[1:]:
-                done.append({**execute(Run(t, v, lr, args.train_size, s, args.epochs), args), "_variant": v})
-    for size in args.curve_sizes:
-        for v in args.curve_variants:
-            lr = best_lr(done, v, args.curve_task) if v in args.variants else lrs[v][0]
-            for s in args.curve_seeds:
-                execute(Run(args.curve_task, v, lr, size, s, args.epochs), args)
+    # Sweep learning rates x epochs on the first seed; the other seeds rerun the setting it picked per task.
+    sweep = [
+        Run(t, v, lr, args.train_size, args.seeds[0], e)
+        for t in args.tasks
+        for v in args.variants
+        for lr in lrs[v]
+        for e in epochs[v]
+    ]
+    done = run_all(sweep, args)
+    seeds = [
+        Run(t, v, lr, args.train_size, s, e)
+        for t in args.tasks
+        for v in args.variants
+        for lr, e in [best_config(done, v, t)]
+        for s in args.seeds[1:]
+    ]
+    done += run_all(seeds, args)
+
+    def curve_config(v: str) -> tuple[float, int]:
+        if v in args.variants and args.curve_task in args.tasks:
+            return best_config(done, v, args.curve_task)
+        return lrs[v][0], epochs[v][0]
+
+    curve = [
+        Run(args.curve_task, v, lr, size, s, e)
+        for size in args.curve_sizes
+        for v in args.curve_variants
+        for lr, e in [curve_config(v)]
+        for s in args.curve_seeds
+    ]
+    run_all(curve, args)
     print(f"grid done in {time.time() - start:.0f}s", flush=True)
 
 
@@ -174,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="The first seed sweeps the learning rates.")
     r.add_argument("--train-size", type=int, default=500)
-    r.add_argument("--epochs", type=int, default=3)
+    r.add_argument("--epochs", type=int, default=3, help="Epochs of every variant not in --epoch-grid.")
+    r.add_argument("--epoch-grid", nargs="*", default=[], help="Epochs to sweep per variant: VARIANT=E[,E...].")
     r.add_argument("--curve-task", default="sst2")
     r.add_argument(
         "--curve-variants", nargs="+", default=["bitfit", "bitfit_qm2", "full", "head"], choices=list(VARIANTS)
@@ -184,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--max-length", type=int, default=64)
     r.add_argument("--dev-size", type=int, default=500, help="Fixed dev subset per task (0 = whole dev set).")
-    r.add_argument("--num-threads", type=int, default=1)
+    r.add_argument("--num-threads", type=int, default=1, help="Torch threads per run.")
+    r.add_argument("--jobs", type=int, default=1, help="Runs at a time (jobs x threads <= cores).")
     rep = sub.add_parser("report", help="Render the Markdown table and PNG figures from finished runs.")
     rep.add_argument("--out", default="runs/repro")
     rep.add_argument("--docs", default="docs", help="Writes <docs>/figures/*.png (and <out>/results_table.md).")
