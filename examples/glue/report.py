@@ -87,18 +87,23 @@ def table(runs: list[dict[str, Any]]) -> str:
         + " |"
     )
     lines = [head, "|" + "---|" * (len(tasks) + 2)]
+    last_lines = [head.replace("trainable params", "mean wall s per run"), lines[1]]
     for v in variants:
-        cells, params = [], ""
+        cells, last, params, walls = [], [], "", []
         for t in tasks:
             got = pick(runs, t, v, main_size(runs, t))
             if got is None:
                 cells.append("–")
+                last.append("–")
                 continue
             (lr, epochs), cell = got
             params = params or f"{cell[0]['trainable_params']:,} ({t})"  # the head's size depends on the task
             seeds = f"{len(cell)} seed{'s' if len(cell) > 1 else ''}"
             cells.append(f"{_fmt([r['_score'] for r in cell])} (lr {lr:g}, {epochs} ep, {seeds})")
+            last.append(_fmt([r["dev"][-1][r["main_metric"]] for r in cell]))
+            walls.append(f"{mean(r.get('wall_time_s', 0) for r in cell):.0f} ({t})")
         lines.append(f"| {LABELS[v]} | {params} | " + " | ".join(cells) + " |")
+        last_lines.append(f"| {LABELS[v]} | {', '.join(walls)} | " + " | ".join(last) + " |")
     sweep = [
         "| task | method | lr | epochs | n | seed | best dev | best epoch | per-epoch dev | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -116,6 +121,7 @@ def table(runs: list[dict[str, Any]]) -> str:
     total = sum(r.get("wall_time_s", 0) for r in runs)
     return (
         "### Dev metric (×100), mean ± std over seeds\n\n" + "\n".join(lines) + "\n\n"
+        "### The same settings at the last epoch (no best-epoch selection on dev)\n\n" + "\n".join(last_lines) + "\n\n"
         f"### Every run ({len(runs)} runs, {total / 60:.0f} min of training wall time)\n\n" + "\n".join(sweep) + "\n"
     )  # fmt: skip
 
