@@ -69,6 +69,18 @@ def test_every_method_writes_results_and_weights(tiny: dict[str, str], tmp_path:
         assert results["trainable_params"] == 32 * 2 + 2
 
 
+def test_epochs_and_lr_default_per_method(tiny: dict[str, str], tmp_path: pathlib.Path) -> None:
+    """Without --epochs / --lr a run uses the method's measured defaults (modeling.DEFAULT_EPOCHS / DEFAULT_LR)."""
+    import modeling
+
+    args = ["--model", tiny["model"], "--data-dir", tiny["data"], "--output-dir", str(tmp_path), "--batch-size", "16"]
+    assert train.main([*args, "--task", "sst2", "--method", "head", "--train-size", "16", "--no-checkpoints"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["epochs"] == modeling.DEFAULT_EPOCHS["head"] == len(results["dev"])
+    assert results["lr"] == modeling.DEFAULT_LR["head"]
+    assert set(modeling.DEFAULT_EPOCHS) == set(modeling.DEFAULT_LR) == set(modeling.METHODS)
+
+
 def test_bf16_mixed_precision_and_grad_accum(tiny: dict[str, str], tmp_path: pathlib.Path) -> None:
     # A fresh process: Accelerate's state is a per-process singleton fixed by the first Accelerator's precision.
     args = ["--model", tiny["model"], "--data-dir", tiny["data"], "--task", "sst2", "--output-dir", str(tmp_path)]

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling module
 from data import get_task, load_task, subsample, tokenize  # noqa: E402
 from metrics import compute_metrics  # noqa: E402
 from modeling import (  # noqa: E402
+    DEFAULT_EPOCHS,
     DEFAULT_LR,
     METHODS,
     POOLINGS,
@@ -76,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Evaluate on a fixed subset of N dev examples (seed 0, whatever --seed).",
     )
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=None, help=f"Default per method: {DEFAULT_EPOCHS}.")
     p.add_argument("--lr", type=float, default=None, help=f"Learning rate; default per method: {DEFAULT_LR}.")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.0)
@@ -166,6 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     datasets.disable_progress_bars()
     start = time.time()
+    if args.epochs is None:
+        args.epochs = DEFAULT_EPOCHS[args.method]
     validate(args)
     task = get_task(args.task)
     if args.num_threads:
