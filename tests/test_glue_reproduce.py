@@ -49,14 +49,14 @@ def test_grid_report_renders_table_and_figures(tmp_path: pathlib.Path) -> None:
 
 
 def test_grid_arguments_are_checked() -> None:
-    assert reproduce.parse_lrs(["bitfit=1e-3,1e-2", "full=5e-5"]) == {"bitfit": [1e-3, 1e-2], "full": [5e-5]}
+    assert reproduce.parse_per_variant(["bitfit=1e-3,1e-2", "full=5e-5"]) == {"bitfit": [1e-3, 1e-2], "full": [5e-5]}
     with pytest.raises(ValueError, match=r"Bad --lrs entry 'bitfit:1e-3': write VARIANT=LR"):
-        reproduce.parse_lrs(["bitfit:1e-3"])
+        reproduce.parse_per_variant(["bitfit:1e-3"])
     with pytest.raises(ValueError, match=r"Bad --lrs entry 'adam=1'"):
-        reproduce.parse_lrs(["adam=1"])
-    assert reproduce.parse_lrs(["bitfit=3,10"], "--epoch-grid", int) == {"bitfit": [3, 10]}
+        reproduce.parse_per_variant(["adam=1"])
+    assert reproduce.parse_per_variant(["bitfit=3,10"], "--epoch-grid", int) == {"bitfit": [3, 10]}
     with pytest.raises(ValueError, match=r"Bad --epoch-grid entry 'bitfit=2.5': write VARIANT=EPOCHS"):
-        reproduce.parse_lrs(["bitfit=2.5"], "--epoch-grid", int)
+        reproduce.parse_per_variant(["bitfit=2.5"], "--epoch-grid", int)
     assert reproduce.main(["run", "--model", "m", "--variants", "bitfit", "--lrs", "full=1e-4", "--curve-sizes"]) == 2
     with pytest.raises(ValueError, match=r"No finished run under"):
         report.load_runs("/nonexistent")

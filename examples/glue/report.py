@@ -63,9 +63,10 @@ def pick(
     cell = [r for r in runs if r["task"] == task and r["_variant"] == variant and r["train_size"] == size]
     if not cell:
         return None
+    from reproduce import best_config  # the driver's rule, so the table shows the setting the other seeds reran
+
     first_seed = min(r["seed"] for r in cell)
-    best = max((r for r in cell if r["seed"] == first_seed), key=lambda r: r["_score"])
-    config = (best["lr"], best["epochs"])
+    config = best_config([r for r in cell if r["seed"] == first_seed], variant, task)
     return config, [r for r in cell if (r["lr"], r["epochs"]) == config]
 
 
@@ -171,15 +172,14 @@ def plot_loss_curves(runs: list[dict[str, Any]], path: str) -> None:
             got = pick(runs, task, v, n)
             if got is None:
                 continue
-            first_seed = min(r["seed"] for r in runs if r["task"] == task and r["_variant"] == v)
+            first_seed = min(r["seed"] for r in got[1])
             for r in runs:
                 if (r["task"], r["_variant"], r["train_size"], r["seed"]) != (task, v, n, first_seed):
                     continue
                 if not r["train_loss"]:
                     continue
-                steps_per_epoch = r["dev"][0]["step"] if r["dev"] and "step" in r["dev"][0] else None
                 steps, losses = zip(*r["train_loss"], strict=True)
-                xs = [s / steps_per_epoch for s in steps] if steps_per_epoch else list(steps)
+                xs = [s / r["dev"][0]["step"] for s in steps]  # dev[0] is evaluated after epoch 1
                 picked = (r["lr"], r["epochs"]) == got[0]
                 ax.plot(
                     xs,

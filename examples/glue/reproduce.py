@@ -58,7 +58,7 @@ class Run:
         )
 
 
-def parse_lrs(spec: list[str], option: str = "--lrs", kind: type = float) -> dict[str, list]:
+def parse_per_variant(spec: list[str], option: str = "--lrs", kind: type = float) -> dict[str, list]:
     """`["bitfit=1e-3,1e-2", "full=5e-5"]` -> {"bitfit": [0.001, 0.01], "full": [5e-05]} (also `--epoch-grid`)."""
     out: dict[str, list] = {}
     for item in spec:
@@ -138,8 +138,8 @@ def run_all(runs: list[Run], args: argparse.Namespace) -> list[dict]:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    lrs = parse_lrs(args.lrs)
-    epochs = {v: [args.epochs] for v in VARIANTS} | parse_lrs(args.epoch_grid, "--epoch-grid", int)
+    lrs = parse_per_variant(args.lrs)
+    epochs = {v: [args.epochs] for v in VARIANTS} | parse_per_variant(args.epoch_grid, "--epoch-grid", int)
     for v in args.variants + (args.curve_variants if args.curve_sizes else []):
         if v not in lrs:
             raise ValueError(f"Variant '{v}' has no learning rate: add --lrs {v}=LR.")

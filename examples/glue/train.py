@@ -167,13 +167,13 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     datasets.disable_progress_bars()
     start = time.time()
-    if args.epochs is None:
-        args.epochs = DEFAULT_EPOCHS[args.method]
+    # Per-method defaults, measured (modeling.py): resolved once, so validation and results.json see the values used.
+    args.epochs = DEFAULT_EPOCHS[args.method] if args.epochs is None else args.epochs
+    args.lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
     validate(args)
     task = get_task(args.task)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    method_lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     resume = args.resume_from_checkpoint
     if resume == "latest":
         resume = _latest_checkpoint(args.output_dir)
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     train_dl = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, collate_fn=collate)
     eval_dl = DataLoader(dev_ds, batch_size=args.eval_batch_size, collate_fn=collate)
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=method_lr, weight_decay=args.weight_decay
+        [p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay
     )
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     steps_per_epoch = math.ceil(len(train_dl) / args.grad_accum)
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     accelerator.wait_for_everyone()
     accelerator.print(
         f"task={task.name} method={args.method} pooling={pooling} train={len(train_ds)} dev={len(dev_ds)} "
-        f"trainable={trainable:,}/{total:,} lr={method_lr} steps={total_steps} processes={accelerator.num_processes}"
+        f"trainable={trainable:,}/{total:,} lr={args.lr} steps={total_steps} processes={accelerator.num_processes}"
     )
 
     def checkpoint() -> None:
@@ -323,7 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "seed": args.seed,
         "train_size": len(train_ds),
         "dev_size": len(dev_ds),
-        "lr": method_lr,
+        "lr": args.lr,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "grad_accum": args.grad_accum,
