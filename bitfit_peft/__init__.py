@@ -2,15 +2,20 @@
 
 Importing this package registers the method with peft (peft_type ``"BITFIT"``), so `get_peft_model`,
 `PeftModel.from_pretrained`, `AutoPeftModel*` and transformers' `model.load_adapter` work with `BitFitConfig`.
+
+The modules import one way, from the bottom up: `constants` <- `layer_types`, `architectures`, `files` <- `config`,
+`targets`, `routing` <- `layer` <- `router` <- `loading` <- `model` <- `registration` <- this package
+(`heads` and `analysis` stand beside the core).
 """
 
 from .analysis import BiasChange, bias_changes, bias_changes_from_state_dicts, bias_deltas, change_matrix
-from .checkpoint import check_adapter_file, hotswap_adapter
+from .architectures import classify_module
 from .config import BitFitConfig
+from .constants import BASE, BIAS_TERMS
+from .files import check_adapter_file
 from .heads import MeanPooledSequenceClassifier, MeanPoolingHead, uses_mean_pooling
 from .layer import BitFitLayer
-from .mapping import BIAS_TERMS, classify_module
-from .mixed import BASE
+from .loading import hotswap_adapter
 from .model import BitFitModel
 from .registration import BitFitPeftType, register
 

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .architectures import classify_module
+from .constants import BIAS_TERMS
 from .layer import BitFitLayer
-from .mapping import BIAS_TERMS, classify_module
 
 __all__ = ["BiasChange", "bias_changes", "bias_changes_from_state_dicts", "bias_deltas", "change_matrix"]
 

@@ -8,10 +8,8 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from .mapping import BIAS_TERMS
-from .registration import BitFitPeftType
-
-SAVE_DTYPES = ("float32", "bfloat16", "float16")
+from .constants import BIAS_TERMS, SAVE_DTYPES, BitFitPeftType
+from .files import check_adapter_file
 
 
 @dataclass
@@ -129,7 +127,5 @@ class BitFitConfig(PeftConfig):
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(path):
-            from .checkpoint import check_adapter_file
-
             check_adapter_file(path)
         return config  # type: ignore[return-value]

@@ -9,72 +9,64 @@ overrides `forward`) get the delta added to their output instead.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .mapping import bias_shape
-from .mixed import InFlight, MixedBatch, current_mixed_batch
+from .layer_types import Fold, bias_shape, broadcast_bias, fold_for, layer_type
+from .routing import InFlight, MixedBatch, current_mixed_batch
 
-Fold = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _linear(m: Any, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, m.weight, b)
-
-
-def _conv1d_gpt2(m: Any, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    out = torch.addmm(b, x.reshape(-1, x.size(-1)), m.weight)
-    return out.view(*x.shape[:-1], m.nf)
-
-
-def _conv(m: Any, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return m._conv_forward(x, m.weight, b)
-
-
-def _layer_norm(m: Any, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, m.normalized_shape, m.weight, b, m.eps)
-
-
-def _group_norm(m: Any, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.group_norm(x, m.num_groups, m.weight, b, m.eps)
-
-
-# The op each supported layer type runs, with the bias as an argument. Used only when the layer's class runs exactly
-# this op (its `forward` is the parent's), so subclasses with their own forward fall back to an output add.
-_FOLDS: tuple[tuple[type[nn.Module], Fold], ...] = (
-    (nn.Linear, _linear),
-    (Conv1D, _conv1d_gpt2),
-    (nn.Conv1d, _conv),
-    (nn.Conv2d, _conv),
-    (nn.Conv3d, _conv),
-    (nn.LayerNorm, _layer_norm),
-    (nn.GroupNorm, _group_norm),
-)
-
+# std of the deltas drawn by `init_weights=False`: large enough that two random adapters clearly give different
+# outputs (peft's own test mixins compare merged adapters at atol=rtol=1e-3), as peft's other methods' random inits do.
+RANDOM_INIT_STD = 0.5
 
 _current_mixed_batch_eager = torch.compiler.disable(current_mixed_batch)
 
 
+class Changes:
+    """A number that changes whenever a delta Parameter is added, replaced or removed on any BitFit layer
+    (`load_state_dict(assign=True)`, peft's dtype cast and deletes replace Parameter objects): routing snapshots
+    record it and rebuild when it moved."""
+
+    count = 0
+
+
+class DeltaDict(nn.ParameterDict):
+    """`nn.ParameterDict` of per-adapter deltas that counts changes of its entries (see `Changes`)."""
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            Changes.count += 1
+        super().__setattr__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        Changes.count += 1
+        super().__delitem__(key)
+
+
 @contextlib.contextmanager
-def _state_update() -> Iterator[None]:
+def state_update() -> Iterator[None]:
     """For caches and tables that outlive the call: plain tensors even when the caller runs under
     `torch.inference_mode()` (inference tensors could not be updated, or hold Parameters, afterwards)."""
     with torch.inference_mode(False), torch.no_grad():
         yield
 
 
-def _fold_for(layer: nn.Module) -> Fold | None:
-    for cls, fold in _FOLDS:
-        if isinstance(layer, cls) and type(layer).forward is cls.forward:
-            return fold
-    return None
+def _features(layer: Any) -> tuple[int, int]:
+    """(in_features, out_features) of a supported layer, as peft's layers expose them."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if hasattr(layer, "nf") and weight is not None:  # transformers' Conv1D: weight is (in, out)
+        return int(weight.shape[0]), int(layer.nf)
+    if hasattr(layer, "in_channels"):
+        return int(layer.in_channels), int(layer.out_channels)
+    size = bias_shape(layer)[-1]
+    return size, size  # norms: features in == out
 
 
 class BitFitLayer(nn.Module, BaseTunerLayer):
@@ -106,16 +98,18 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.bitfit_delta = nn.ParameterDict()
+        self.bitfit_delta = DeltaDict()
         self.bitfit_index = BufferDict(persistent=False)  # not saved: rebuilt from the config
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
-        self._fold: Fold | None = _fold_for(base_layer)
+        self._fold: Fold | None = fold_for(base_layer)
         self._shape = bias_shape(base_layer)
+        entry = layer_type(base_layer)
+        self._channels_first = bool(entry and entry.channels_first)
+        self.in_features, self.out_features = _features(base_layer)
         # Base bias as it was before the first merge, restored exactly by unmerge (None: merge created the bias).
         self._premerge_bias: torch.Tensor | None = None
-        self._mixed_cache: dict[str, Any] | None = None
         self._bias_cache: tuple[Any, torch.Tensor] | None = None
         self._grad_on: set[str] = set()  # adapters whose deltas set_adapter made trainable
         self.update_layer(adapter_name, init_weights=init_weights, positions=positions)
@@ -132,19 +126,25 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
 
     # ------------------------------------------------------------------ adapter state
     def update_layer(self, adapter_name: str, init_weights: bool = True, positions: list[int] | None = None) -> None:
-        """Add a delta for `adapter_name` (zeros, or N(0, 0.05^2) when `init_weights` is False)."""
-        device = next((p.device for p in self.base_layer.parameters()), torch.device("cpu"))
+        """Add a delta for `adapter_name` (zeros, or N(0, RANDOM_INIT_STD^2) when `init_weights` is False).
+
+        The delta is created in the base layer's floating dtype; peft then upcasts bf16/fp16 deltas to float32
+        unless `autocast_adapter_dtype=False` (peft's convention for every method): bias updates are small, and
+        bf16 would round most of them away.
+        """
+        param = next((p for p in self.base_layer.parameters() if p.is_floating_point()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None else torch.float32
         shape = (len(positions),) if positions is not None else self._shape
-        # Deltas live in float32 whatever the base dtype: bias updates are small, bf16 would round them away.
         delta = torch.zeros(shape, dtype=torch.float32, device=device)
         if not init_weights:
-            nn.init.normal_(delta, std=0.05)
+            nn.init.normal_(delta, std=RANDOM_INIT_STD)
+        delta = delta.to(dtype)
         self.bitfit_delta[adapter_name] = nn.Parameter(delta, requires_grad=adapter_name in self.active_adapters)
         if adapter_name in self.active_adapters:
             self._grad_on.add(adapter_name)
         if positions is not None:
             self.bitfit_index[adapter_name] = torch.tensor(positions, dtype=torch.long, device=device)
-        self._mixed_cache = None
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """Activate `adapter_names` (trainable unless `inference_mode`), freezing the previously trainable deltas.
@@ -172,10 +172,6 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         super().set_requires_grad(adapter_names, requires_grad)
         names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
         self._grad_on = (self._grad_on | names) if requires_grad else (self._grad_on - names)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._mixed_cache = None
 
     def full_delta(self, adapter_name: str) -> torch.Tensor:
         """The adapter's delta over the whole bias (zeros outside a fused slice)."""
@@ -230,19 +226,14 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         key = (tuple((id(p), p._version) for p in params), id(bias), None if bias is None else bias._version)
         cached = self._bias_cache
         if cached is None or cached[0] != key:
-            with _state_update():
+            with state_update():
                 cached = (key, self._with_base_bias(self._active_delta(names)))
             self._bias_cache = cached
         return cached[1]
 
     def _broadcast(self, delta: torch.Tensor, out: torch.Tensor, batched: bool) -> torch.Tensor:
         """View a (batch of) bias vector(s) so it adds onto the layer's output."""
-        lead = (out.shape[0],) if batched else ()
-        n_bias = len(self._shape)
-        if isinstance(self.base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm)):
-            # channels-first: (B, C, *spatial)
-            return delta.view(*lead, *self._shape, *([1] * (out.dim() - 2)))
-        return delta.view(*lead, *([1] * (out.dim() - len(lead) - n_bias)), *self._shape)
+        return broadcast_bias(delta, out, self._shape, self._channels_first, batched)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -275,74 +266,22 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
                 f"Cannot run a mixed-adapter batch while adapters {self.merged_adapters} are merged into the base "
                 "model: call model.unmerge_adapter() first."
             )
-        rows = mixed.rows_for(x.shape[0], x.device)
         out = self.base_layer(x, *args, **kwargs)
-        table, lookup = self._mixed_table(mixed, out.device, out.dtype)
-        if table is None:
-            return out  # no resident adapter touches this layer
-        if lookup is not None:
-            rows = lookup.index_select(0, rows)
-        deltas = self._broadcast(table.index_select(0, rows), out, batched=True)
+        entry = mixed.routing.tables.get(self)
+        if entry is None:
+            return out  # no routable adapter touches this layer
+        table = entry.table
+        if table.device != out.device:
+            raise RuntimeError(
+                f"The mixed-batch table of {type(self.base_layer).__name__} is on {table.device} but the layer ran on "
+                f"{out.device}; routing is rebuilt at the start of a call after model.to(...), so move the model "
+                "between calls, not during one."
+            )
+        rows = mixed.rows_for(x.shape[0], x.device)
+        if entry.lookup is not None:
+            rows = entry.lookup.index_select(0, rows)
+        deltas = self._broadcast(table.index_select(0, rows).to(out.dtype), out, batched=True)
         return out.add_(deltas) if not torch.is_grad_enabled() else out + deltas
-
-    def _mixed_table(
-        self, mixed: MixedBatch, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """This layer's packed table of full deltas (row 0 = zeros) and the global-slot -> row lookup.
-
-        The table is kept in the dtype of the layer's output (the delta is cast to it before the add anyway). When
-        the layer holds every resident adapter, rows are numbered by global slot and no lookup is needed. The table is
-        built once per set of resident adapters; later calls check only the rows of the adapters in the batch (same
-        Parameter object, same in-place version) and refresh stale ones, so a call costs O(adapters in the batch),
-        independent of how many adapters are resident.
-        """
-        cache = self._mixed_cache
-        if (
-            cache is None
-            or cache["generation"] != mixed.generation
-            or cache["table"].device != device
-            or cache["table"].dtype != dtype
-        ):
-            names = sorted((n for n in self.bitfit_delta if n in mixed.slots), key=mixed.slots.__getitem__)
-            if not names:
-                return None, None
-            complete = len(names) == len(mixed.slots)
-            self._mixed_cache = None  # release the old table before allocating the new one
-            rows: dict[str, int] = {}
-            built: dict[str, tuple[int, int]] = {}  # (id, version) of the Parameter each row was built from
-            deltas, partial = self._delta_params(), self._index_buffers()
-            with _state_update():
-                table = torch.zeros((len(names) + 1, *self._shape), dtype=dtype, device=device)
-                lookup = None if complete else torch.zeros(len(mixed.slots) + 1, dtype=torch.long, device=device)
-                for row, name in enumerate(names, start=1):
-                    rows[name] = row
-                    if lookup is not None:
-                        lookup[mixed.slots[name]] = row
-                    param = deltas[name]
-                    table[row] = self.full_delta(name).to(device=device, dtype=dtype)
-                    if name not in partial and param.dtype == dtype and param.device == device:
-                        # The delta now lives in its table row (same Parameter object, new storage): resident
-                        # adapters cost their payload once, not once as parameters and again as the table.
-                        param.data = table[row]
-                    built[name] = (id(param), param._version)
-            cache = {"generation": mixed.generation, "table": table, "lookup": lookup, "rows": rows, "seen": built}
-            self._mixed_cache = cache
-        seen: dict[str, tuple[int, int]] = cache["seen"]
-        rows, table = cache["rows"], cache["table"]
-        deltas = self._delta_params()
-        for name in mixed.unique:
-            param = deltas.get(name)
-            if param is None:
-                continue
-            if seen.get(name) != (id(param), param._version):
-                # A delta that lives in its row is always current; others (fused slices, another dtype, a replaced
-                # Parameter) are copied in. Rows share one version counter, so checking the pointer avoids recopying.
-                row_ptr = table.data_ptr() + rows[name] * table[0].numel() * table.element_size()
-                if param.data_ptr() != row_ptr:
-                    with _state_update():
-                        table[rows[name]] = self.full_delta(name).to(device=device, dtype=dtype)
-                seen[name] = (id(param), param._version)
-        return table, cache["lookup"]
 
     # ------------------------------------------------------------------ merge
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -360,9 +299,11 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
             total = sum((self.full_delta(n) for n in names), torch.zeros(self._shape, device=self._device()))
             merged = self._with_base_bias(total)
             if safe_merge and not torch.isfinite(merged).all():
+                # peft's own sentence first: users and tools match on it.
                 raise ValueError(
-                    f"Merging adapters {names} gives non-finite biases in {type(base).__name__}; the adapter is "
-                    "broken (NaN/inf deltas). Nothing was merged."
+                    f"NaNs detected in the merged weights. The adapter {', '.join(names)} seems to be broken. "
+                    f"(Merging adapters {names} gives non-finite biases in {type(base).__name__}: NaN/inf deltas. "
+                    "Nothing was merged.)"
                 )
             if not self.merged_adapters:
                 self._premerge_bias = None if base.bias is None else base.bias.detach().clone()

@@ -1,7 +1,7 @@
 """`BitFitModel`: the peft tuner that injects `BitFitLayer`s, routes mixed-task batches and checks checkpoints.
 
 `BaseTuner` does injection, freezing, set/delete adapter and merge dispatch; this class adds what is BitFit's own:
-target selection by bias term (`mapping.select_targets`), mixed batches (`adapter_names=[...]`), half-precision
+target selection by bias term (`targets.select_targets`), mixed batches (`adapter_names=[...]`), half-precision
 checkpoints (`save_dtype`), weighted combinations of adapters, and a checkpoint check that leaves the model exactly as
 it was when a file does not fit it.
 """
@@ -9,30 +9,22 @@ it was when a file does not fit it.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 from dataclasses import replace
-from functools import partial
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import (
-    BaseTuner,
-    _delete_auxiliary_adapter,
-)
-from peft.utils import _get_submodules
-from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import BitFitConfig
+from .constants import BASE, PREFIX, is_delta_key
 from .layer import BitFitLayer
-from .mapping import select_targets
-from .mixed import BASE, MixedBatch, check_names, mixed_batch, new_generation
-from .registration import PREFIX
+from .loading import abort_load, check_against_model, remember_requires_grad
+from .router import Router, router_for
+from .routing import MixedBatch, check_names, mixed_batch
+from .targets import select_targets
 
-_PEFT_PREFIX = "base_model.model."
-# Base model -> requires_grad of its parameters before the first BitFit injection, to undo a failed load exactly.
-_REQUIRES_GRAD_BEFORE: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 
 
@@ -58,16 +50,13 @@ class BitFitModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = BitFitLayer
     target_module_mapping: dict[str, list[str]] = {}
-    _routing: dict[str, Any] | None = None  # mixed-batch routing, rebuilt when the set of adapters changes
     _selection: dict[str, list[int] | None]
 
     # ------------------------------------------------------------------ injection
     def _pre_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
         if adapter_name == BASE:
             raise ValueError(f'"{BASE}" is reserved for the base model in mixed batches; pick another adapter name.')
-        if not any(isinstance(m, BitFitLayer) for m in model.modules()):
-            # What the base model looked like, so a failed load can put it back exactly (see _abort_load).
-            _REQUIRES_GRAD_BEFORE[model] = {n: p.requires_grad for n, p in model.named_parameters()}
+        remember_requires_grad(model)  # so a failed load can put the base model back exactly
 
     def _prepare_adapter_config(self, peft_config: Any, model_config: dict[str, Any]) -> Any:
         return peft_config  # targets come from select_targets, not from a per-architecture name list
@@ -111,89 +100,77 @@ class BitFitModel(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        try:
-            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
-        finally:
-            self._routing = None
+        with self.router.lock.write():  # waits for calls in flight; calls wait for the injection
+            try:
+                super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+            finally:
+                self.router.routing = None
 
     def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._routing = None
+        with self.router.lock.write():
+            super().delete_adapter(adapter_name)
+            self.router.routing = None
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        with self.router.lock.write():
+            super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        with self.router.lock.write():
+            super().merge_adapter(*args, **kwargs)
+
+    def unmerge_adapter(self) -> None:
+        with self.router.lock.write():
+            super().unmerge_adapter()
 
     # ------------------------------------------------------------------ mixed batches
-    def _routing_state(self) -> dict[str, Any]:
-        """Slots of the resident adapters, and the layers and heads to route; rebuilt when adapters change."""
-        state: dict[str, Any] | None = getattr(self, "_routing", None)
-        if state is None:
-            names = sorted(self.peft_config)
-            state = {
-                "slots": {name: i for i, name in enumerate(names, start=1)},
-                "generation": new_generation(),
-                "layers": [m for m in self.model.modules() if isinstance(m, BitFitLayer)],
-                "heads": [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)],
-                # DeBERTa's relative-position embeddings go through targeted layers once for the whole batch
-                "shared_rows": getattr(getattr(self.model, "config", None), "model_type", None)
-                in ("deberta", "deberta-v2")
-                and bool(getattr(self.model.config, "relative_attention", False)),
-            }
-            self._routing = state
-        return state
+    @property
+    def router(self) -> Router:
+        """The lock and mixed-batch routing snapshot of this model (see `bitfit_peft.router`)."""
+        return router_for(self)
+
+    def invalidate_routing(self) -> None:
+        """Rebuild mixed-batch routing on the next call: after replacing delta or head tensors by hand (adapter
+        loads, deletes, hotswaps and in-place edits are picked up without it). Waits for calls in flight."""
+        self.router.invalidate()
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         adapter_names = kwargs.pop("adapter_names", None)
+        router = self.router
         if adapter_names is None:
-            yield
+            with router.lock.read():  # adapter changes wait for this call, and this call for them
+                yield
             return
         if self.training:
             raise ValueError(
                 "adapter_names (mixed-adapter batches) is for inference: call model.eval() first. To train several "
                 "tasks, train each adapter with set_adapter."
             )
-        state = self._routing_state()
-        names = check_names(adapter_names, state["slots"])
-        merged = sorted({n for layer in state["layers"] for n in layer.merged_adapters})
-        if merged:
-            raise ValueError(
-                f"Cannot run a mixed-adapter batch while adapters {merged} are merged into the base model: "
-                "call model.unmerge_adapter() first."
-            )
+        names = check_names(adapter_names, dict.fromkeys(self.peft_config, 0))
         batch = next((t for t in (*(kwargs.get(k) for k in _BATCH_KEYS), *args) if isinstance(t, torch.Tensor)), None)
         if batch is not None and batch.shape[0] != len(names):
             raise ValueError(
                 f"adapter_names has {len(names)} entries but the batch has {batch.shape[0]} examples: "
                 "pass exactly one adapter name per example."
             )
-        if state["shared_rows"]:
-            raise ValueError(
-                "Mixed-adapter batches are not supported on DeBERTa with relative attention: its relative-position "
-                "embeddings go through the attention projections once for the whole batch, so they cannot follow "
-                "one adapter per example. Group the batch by task and use set_adapter for each group."
-            )
-        routing = MixedBatch(names, state["slots"], state["generation"], beams=kwargs.get("num_beams") or 1)
-        handles = []
-        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-        if isinstance(embeddings, nn.Module):
-
-            def record_tokens(module: nn.Module, hook_args: tuple) -> None:
-                if hook_args and isinstance(hook_args[0], torch.Tensor) and hook_args[0].dim() == 2:
-                    routing.tokens = hook_args[0].shape[1]
-
-            handles.append(embeddings.register_forward_pre_hook(record_tokens))
-        routed = [h for h in state["heads"] if isinstance(h, ModulesToSaveWrapper)]
-        for head in routed:
-            vars(head)["forward"] = partial(_routed_head_forward, head, routing)  # shadows the method until removed
-        for head in state["heads"]:
-            if head not in routed:  # other auxiliary wrappers route themselves from the adapter_names kwarg
-                handles.append(head.register_forward_pre_hook(partial(_names_kwarg, routing), with_kwargs=True))
-        try:
-            with mixed_batch(routing):
+        unique = list(dict.fromkeys(n for n in names if n != BASE))
+        with router.reading(self.model, list(self.peft_config), unique) as routing:
+            check_names(names, routing.slots)
+            merged = sorted({n for layer in routing.tables for n in layer.merged_adapters})
+            if merged:
+                raise ValueError(
+                    f"Cannot run a mixed-adapter batch while adapters {merged} are merged into the base model: "
+                    "call model.unmerge_adapter() first."
+                )
+            if routing.shared_rows:
+                raise ValueError(
+                    "Mixed-adapter batches are not supported on DeBERTa with relative attention: its relative-position "
+                    "embeddings go through the attention projections once for the whole batch, so they cannot follow "
+                    "one adapter per example. Group the batch by task and use set_adapter for each group."
+                )
+            with mixed_batch(MixedBatch(names, routing, beams=kwargs.get("num_beams") or 1)):
                 yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            for head in routed:
-                del vars(head)["forward"]
 
     # ------------------------------------------------------------------ task arithmetic
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
@@ -277,7 +254,7 @@ class BitFitModel(BaseTuner):
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         dtype = getattr(torch, config.save_dtype) if getattr(config, "save_dtype", None) else None
         if dtype is not None:
-            out = {k: v.to(dtype) if f".{PREFIX}" in k else v for k, v in out.items()}
+            out = {k: v.to(dtype) if is_delta_key(k) else v for k, v in out.items()}
         return out
 
     @classmethod
@@ -285,118 +262,11 @@ class BitFitModel(BaseTuner):
         cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        problem = _check_against_model(model, adapter_name, remapped)
+        problem = check_against_model(model, adapter_name, remapped)
         if problem:
-            _abort_load(model, adapter_name)
+            abort_load(model, adapter_name)
             raise ValueError(
                 f"Adapter checkpoint does not fit this model ({problem}). The model was left as it was. Load the "
                 "adapter onto the base model it was trained on, with the same BitFitConfig."
             )
         return remapped
-
-
-def _names_kwarg(routing: MixedBatch, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    x = args[0] if args else None
-    kwargs["adapter_names"] = routing.names_for(x.shape[0] if isinstance(x, torch.Tensor) else len(routing.names))
-    return args, kwargs
-
-
-def _routed_head_forward(wrapper: ModulesToSaveWrapper, routing: MixedBatch, x: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run each example through its adapter's copy of a task head (the base head for `__base__` or an adapter
-    without one), for heads of any structure: rows are grouped by adapter, one call per group, then put back."""
-    if wrapper.disable_adapters:
-        return wrapper.original_module(x, *args, **kwargs)
-    n = x.shape[0]
-    names = routing.names_for(n)
-    groups: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        groups.setdefault(name, []).append(i)
-    out: torch.Tensor | None = None
-    for name, rows in groups.items():
-        module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module  # noqa: SIM401
-        index = torch.tensor(rows, device=x.device)
-
-        def take(t: Any, index: torch.Tensor = index) -> Any:
-            return t.index_select(0, index) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
-
-        y = module(take(x), *(take(a) for a in args), **{k: take(v) for k, v in kwargs.items()})
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(
-                f"Mixed-adapter batches route task heads that return one tensor; {type(module).__name__} returned "
-                f"{type(y).__name__}. Group the batch by task and use set_adapter instead."
-            )
-        if out is None:
-            out = y.new_empty((n, *y.shape[1:]))
-        out.index_copy_(0, index, y)
-    return out
-
-
-def _check_against_model(model: nn.Module, adapter_name: str, remapped: dict[str, torch.Tensor]) -> str | None:
-    """Describe the first mismatch between a checkpoint and the adapter just injected, or None.
-
-    Walks the modules rather than `model.state_dict()`, whose size grows with every resident adapter.
-    """
-    expected: dict[str, torch.Tensor] = {}
-    for key, module in model.named_modules():
-        if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta:
-            expected[f"{key}.{PREFIX}delta.{adapter_name}".removeprefix(_PEFT_PREFIX)] = module.bitfit_delta[
-                adapter_name
-            ]
-    loaded = {k.removeprefix(_PEFT_PREFIX): v for k, v in remapped.items()}
-    unexpected = sorted(k for k in loaded if f".{PREFIX}" in k and k not in expected)
-    missing = sorted(k for k in expected if k not in loaded)
-    if unexpected:
-        return f"unexpected keys for modules this config does not target: {unexpected[:3]}"
-    if missing:
-        return f"missing deltas for modules {[k.rsplit('.' + PREFIX, 1)[0] for k in missing[:3]]}"
-    for key, value in loaded.items():
-        target: torch.Tensor | None = expected.get(key)
-        if target is None:  # a task head or other saved module: look it up by name
-            for candidate in (key, _PEFT_PREFIX + key):
-                with contextlib.suppress(AttributeError):
-                    target = model.get_parameter(candidate)
-                    break
-        if target is not None and tuple(value.shape) != tuple(target.shape):
-            return (
-                f"{key.removesuffix('.' + adapter_name)} has shape {tuple(value.shape)} in the checkpoint but "
-                f"{tuple(target.shape)} in the model; the checkpoint comes from another base model"
-            )
-        if key in expected and not value.is_floating_point():
-            return f"{key} has dtype {value.dtype}; deltas must be floating point"
-    return None
-
-
-def _abort_load(model: nn.Module, adapter_name: str) -> None:
-    """Remove a just-injected adapter; when it was the only one, restore the original modules and flags."""
-    layers = [(k, m) for k, m in model.named_modules() if isinstance(m, BitFitLayer)]
-    heads = [(k, m) for k, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
-    peft_config: dict[str, Any] = getattr(model, "peft_config", {})
-    if set(peft_config) - {adapter_name}:
-        for _, layer in layers:
-            if adapter_name in layer.bitfit_delta:
-                layer.delete_adapter(adapter_name)
-        tuner = getattr(model, "base_model", None)
-        active = [a for a in getattr(tuner, "active_adapters", []) if a != adapter_name]
-        _delete_auxiliary_adapter(model, adapter_name, new_active_adapters=active)
-        peft_config.pop(adapter_name, None)
-        if isinstance(tuner, BitFitModel):
-            tuner._routing = None
-        return
-    tuner = getattr(model, "base_model", None)
-    inner: Any = tuner.model if isinstance(tuner, BitFitModel) else model
-    for key, module in layers:
-        parent, _, name = _get_submodules(model, key)
-        setattr(parent, name, module.get_base_layer())
-    for key, head in heads:
-        original = getattr(head, "original_module", None)
-        if original is not None:
-            parent, _, name = _get_submodules(model, key)
-            setattr(parent, name, original)
-    before = _REQUIRES_GRAD_BEFORE.pop(inner, None)
-    if before:
-        for name, param in inner.named_parameters():
-            if name in before:
-                param.requires_grad_(before[name])
-    peft_config.pop(adapter_name, None)
-    if "peft_config" in inner.__dict__:
-        del inner.peft_config

@@ -7,20 +7,19 @@ its own member (`"BITFIT"` in adapter_config.json) and fill those dicts itself, 
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
-PEFT_TYPE_NAME = "BITFIT"
-PREFIX = "bitfit_"
+from peft.mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
 
+from .config import BitFitConfig
+from .constants import PEFT_TYPE_NAME, PREFIX, BitFitPeftType
+from .model import BitFitModel
 
-class BitFitPeftType(str, enum.Enum):
-    """The `peft_type` of BitFit adapters, stored as `"BITFIT"` in adapter_config.json."""
-
-    BITFIT = PEFT_TYPE_NAME
-
-    def __str__(self) -> str:
-        return self.value
+__all__ = ["BitFitPeftType", "register"]
 
 
 def register() -> None:
@@ -29,15 +28,6 @@ def register() -> None:
     Raises:
         ValueError: another PEFT method already uses the type name `BITFIT` or the parameter prefix `bitfit_`.
     """
-    from peft.mapping import (
-        PEFT_TYPE_TO_CONFIG_MAPPING,
-        PEFT_TYPE_TO_PREFIX_MAPPING,
-        PEFT_TYPE_TO_TUNER_MAPPING,
-    )
-
-    from .config import BitFitConfig
-    from .model import BitFitModel
-
     key = BitFitPeftType.BITFIT
     wanted: dict[str, tuple[dict[Any, Any], Any]] = {
         "config": (PEFT_TYPE_TO_CONFIG_MAPPING, BitFitConfig),

@@ -504,7 +504,7 @@ def test_mixed_table_shares_storage_with_the_deltas_and_training_still_works(tmp
     names = ["b", "default", "__base__", "b"]
     before = logits(model, adapter_names=names)
     layer = next(m for m in model.modules() if isinstance(m, BitFitLayer))
-    table = layer._mixed_cache["table"]  # type: ignore[index]
+    table = model.base_model.router.routing.tables[layer].table  # type: ignore[union-attr]
     for name in ("default", "b"):
         assert layer.bitfit_delta[name].untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
     # training after serving writes the deltas (and so the table rows), and the next mixed call sees it

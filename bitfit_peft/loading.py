@@ -1,0 +1,164 @@
+"""Loading checks and in-place hotswap: everything that compares a checkpoint with the model it goes into.
+
+One helper each: `expected_deltas` (which delta keys an adapter has in this model), `check_against_model` (the first
+mismatch between a checkpoint and the model, before any value is written), `abort_load` (undo a failed load exactly)
+and `hotswap_adapter`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import _delete_auxiliary_adapter
+from peft.utils import _get_submodules
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .constants import PEFT_KEY_PREFIX, delta_key, is_delta_key, strip_peft_prefix
+from .files import check_adapter_file
+from .layer import BitFitLayer
+from .router import router_for
+
+__all__ = ["abort_load", "check_against_model", "expected_deltas", "hotswap_adapter", "remember_requires_grad"]
+
+# Base model -> requires_grad of its parameters before the first BitFit injection, to undo a failed load exactly.
+_REQUIRES_GRAD_BEFORE: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
+def remember_requires_grad(model: nn.Module) -> None:
+    """Record the base model's requires_grad flags before its first BitFit injection (see `abort_load`)."""
+    if not any(isinstance(m, BitFitLayer) for m in model.modules()):
+        _REQUIRES_GRAD_BEFORE[model] = {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def expected_deltas(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Checkpoint key (peft prefix stripped, adapter name removed) -> the adapter's delta Parameter in `model`.
+
+    Walks the modules rather than `model.state_dict()`, whose size grows with every resident adapter.
+    """
+    return {
+        delta_key(key): module.bitfit_delta[adapter_name]
+        for key, module in model.named_modules()
+        if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta
+    }
+
+
+def check_against_model(model: nn.Module, adapter_name: str, remapped: dict[str, torch.Tensor]) -> str | None:
+    """Describe the first mismatch between a (remapped) checkpoint and the adapter just injected, or None."""
+    expected = {f"{k}.{adapter_name}": v for k, v in expected_deltas(model, adapter_name).items()}
+    loaded = {strip_peft_prefix(k): v for k, v in remapped.items()}
+    unexpected = sorted(k for k in loaded if is_delta_key(k) and k not in expected)
+    missing = sorted(k for k in expected if k not in loaded)
+    if unexpected:
+        return f"unexpected keys for modules this config does not target: {unexpected[:3]}"
+    if missing:
+        return f"missing deltas for modules {[k.split('.bitfit_delta', 1)[0] for k in missing[:3]]}"
+    for key, value in loaded.items():
+        target: torch.Tensor | None = expected.get(key)
+        if target is None:  # a task head or other saved module: look it up by name
+            for candidate in (key, PEFT_KEY_PREFIX + key):
+                with contextlib.suppress(AttributeError):
+                    target = model.get_parameter(candidate)
+                    break
+        if target is not None and tuple(value.shape) != tuple(target.shape):
+            return (
+                f"{key.removesuffix('.' + adapter_name)} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(target.shape)} in the model; the checkpoint comes from another base model"
+            )
+        if key in expected and not value.is_floating_point():
+            return f"{key} has dtype {value.dtype}; deltas must be floating point"
+    return None
+
+
+def abort_load(model: nn.Module, adapter_name: str) -> None:
+    """Remove a just-injected adapter; when it was the only one, restore the original modules and flags."""
+    layers = [(k, m) for k, m in model.named_modules() if isinstance(m, BitFitLayer)]
+    heads = [(k, m) for k, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+    peft_config: dict[str, Any] = getattr(model, "peft_config", {})
+    if set(peft_config) - {adapter_name}:
+        for _, layer in layers:
+            if adapter_name in layer.bitfit_delta:
+                layer.delete_adapter(adapter_name)
+        tuner = getattr(model, "base_model", None)
+        active = [a for a in getattr(tuner, "active_adapters", []) if a != adapter_name]
+        _delete_auxiliary_adapter(model, adapter_name, new_active_adapters=active)
+        peft_config.pop(adapter_name, None)
+        return
+    tuner = getattr(model, "base_model", None)
+    inner: Any = tuner.model if tuner is not None and hasattr(tuner, "_selection") else model
+    for key, module in layers:
+        parent, _, name = _get_submodules(model, key)
+        setattr(parent, name, module.get_base_layer())
+    for key, head in heads:
+        original = getattr(head, "original_module", None)
+        if original is not None:
+            parent, _, name = _get_submodules(model, key)
+            setattr(parent, name, original)
+    before = _REQUIRES_GRAD_BEFORE.pop(inner, None)
+    if before:
+        for name, param in inner.named_parameters():
+            if name in before:
+                param.requires_grad_(before[name])
+    peft_config.pop(adapter_name, None)
+    if "peft_config" in inner.__dict__:
+        del inner.peft_config
+
+
+def _load_state(model_id: str | dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    if isinstance(model_id, dict):
+        return model_id
+    from peft.utils import load_peft_weights
+
+    check_adapter_file(model_id)
+    return load_peft_weights(model_id, device=str(device))
+
+
+def hotswap_adapter(model: nn.Module, model_id: str | dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Replace the values of a loaded adapter in place, keeping the same Parameter objects.
+
+    The swap is atomic for mixed-adapter calls running in other threads: it waits for the calls in flight, and
+    every later call sees only the new values. Because the Parameters (and their shapes) stay the same, a `torch.compile`d model does not recompile, and
+    optimizers or mixed-batch tables that hold them see the new values. Everything is checked before the first
+    write: on error the model is unchanged.
+
+    Args:
+        model (`PeftModel`): a model with a BitFit adapter `adapter_name`.
+        model_id (`str` or `dict`): a directory written by `save_pretrained`, or its state dict.
+        adapter_name (`str`): the adapter whose values to replace.
+
+    Example:
+
+    >>> hotswap_adapter(peft_model, "adapters/sst2-v2", adapter_name="default")  # doctest: +SKIP
+    """
+    peft_config = getattr(model, "peft_config", {})
+    if adapter_name not in peft_config:
+        raise ValueError(f"No adapter {adapter_name!r} to hotswap; loaded adapters: {sorted(peft_config)}.")
+    targets: dict[str, Any] = dict(expected_deltas(model, adapter_name))
+    marker = f".modules_to_save.{adapter_name}."
+    for key, param in model.named_parameters():
+        if marker in key:
+            targets[strip_peft_prefix(key.replace(marker, "."))] = param
+    device = next(iter(targets.values())).device
+    state = {strip_peft_prefix(k): v for k, v in _load_state(model_id, device).items()}
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise ValueError(
+            f"Cannot hotswap adapter {adapter_name!r}: the new checkpoint targets other modules "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}). Hotswap needs the same BitFitConfig; "
+            "use load_adapter for a differently shaped adapter."
+        )
+    for key, param in targets.items():
+        if state[key].shape != param.shape:
+            raise ValueError(
+                f"Cannot hotswap {key}: shape {tuple(state[key].shape)} in the checkpoint, {tuple(param.shape)} "
+                "in the model."
+            )
+    # Under the model's writer lock: mixed calls in flight finish first, later ones see only the new values.
+    tuner = getattr(model, "base_model", model)
+    with router_for(tuner).lock.write(), torch.no_grad():
+        for key, param in targets.items():
+            param.copy_(state[key])

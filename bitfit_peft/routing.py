@@ -1,0 +1,275 @@
+"""Per-call routing of mixed-task batches, and the lock that keeps it consistent under concurrency.
+
+A mixed call (`model(**batch, adapter_names=[...])`) resolves the names once into slot numbers (slot 0 is the base
+model) and publishes a `MixedBatch` in a context variable for the duration of the call: each thread (and each
+asyncio task) sees only its own call's routing, and no shared module is modified per call. The `MixedBatch` points at
+one `Routing` snapshot, the packed per-layer delta tables and per-adapter task heads every layer of the call reads.
+
+`RWLock` orders forward calls (readers, any number at once) against adapter changes (writers: load, delete, hotswap,
+table builds): a change waits for the calls in flight, and a call waits for the change, so every call sees each
+adapter either entirely before or entirely after a change, in every layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .constants import BASE
+
+__all__ = ["BASE", "InFlight", "LayerTable", "MixedBatch", "RWLock", "Routing", "current_mixed_batch", "mixed_batch"]
+
+_CURRENT: contextvars.ContextVar[MixedBatch | None] = contextvars.ContextVar("bitfit_mixed_batch", default=None)
+
+
+class InFlight:
+    """How many mixed-batch calls are running (any thread). torch.compile cannot read a context variable, but it can
+    guard on this plain value, so a compiled layer notices a mixed call and fetches its routing eagerly."""
+
+    count = 0
+    _lock = threading.Lock()
+
+    @classmethod
+    def add(cls, n: int) -> None:
+        with cls._lock:  # `count += n` is a read-modify-write: two threads could lose an update without the lock
+            cls.count += n
+
+
+_generations = itertools.count(1)
+
+
+def new_generation() -> int:
+    """A fresh number identifying one routing snapshot."""
+    return next(_generations)
+
+
+class RWLock:
+    """Many readers or one writer, writer-preferring, re-entrant per thread (a writer may also read).
+
+    Readers are forward/generate calls; writers change adapters or rebuild routing tables. Writer preference means
+    a load is not starved by a steady stream of requests: new calls wait behind a waiting writer.
+
+    Example:
+
+    >>> lock = RWLock()
+    >>> with lock.read(), lock.read():  # re-entrant
+    ...     pass
+    >>> with lock.write(), lock.read():  # a writer may read
+    ...     pass
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer: int | None = None  # thread ident of the writer
+        self._write_depth = 0
+        self._waiting_writers = 0
+        self._local = threading.local()
+
+    def _read_depth(self) -> int:
+        return getattr(self._local, "depth", 0)
+
+    def holds(self) -> bool:
+        """Whether this thread holds the lock (reading or writing)."""
+        return self._writer == threading.get_ident() or bool(self._read_depth())
+
+    @torch.compiler.disable  # bookkeeping, not model code: keep it out of compiled graphs
+    def acquire_read(self) -> None:
+        """Take a read hold (re-entrant); pair with `release_read`."""
+        depth = self._read_depth()
+        if self._writer == threading.get_ident() or depth:
+            self._local.depth = depth + 1
+            return
+        with self._cond:
+            while self._writer is not None or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        self._local.depth = 1
+
+    @torch.compiler.disable
+    def release_read(self) -> None:
+        depth = self._read_depth()
+        self._local.depth = depth - 1
+        if depth > 1 or self._writer == threading.get_ident():
+            return
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        self.acquire_read()
+        try:
+            yield
+        finally:
+            self.release_read()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._writer == me:
+            self._write_depth += 1
+            try:
+                yield
+            finally:
+                self._write_depth -= 1
+            return
+        if self._read_depth():
+            raise RuntimeError(
+                "An adapter change (load, delete, hotswap, merge) was started from inside a forward call of the same "
+                "model; change adapters between calls."
+            )
+        with self._cond:
+            self._waiting_writers += 1
+            try:
+                while self._writer is not None or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting_writers -= 1
+            self._writer = me
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = None
+                self._cond.notify_all()
+
+
+@dataclass(eq=False)
+class LayerTable:
+    """One layer's packed deltas: row 0 is zeros, one row per adapter that touches the layer.
+
+    Args:
+        table (`torch.Tensor`): `(rows, *bias_shape)`.
+        lookup (`torch.Tensor`, *optional*): global slot -> row; None when rows are numbered by slot.
+        rows (`dict[str, int]`): adapter -> row.
+    """
+
+    table: torch.Tensor
+    lookup: torch.Tensor | None
+    rows: dict[str, int]
+
+
+@dataclass(eq=False)
+class Routing:
+    """A snapshot of everything a mixed call reads: slots, per-layer tables and per-adapter task heads.
+
+    Built under the writer lock and only read by calls (which hold the reader lock), so no call ever sees a
+    half-built or half-updated snapshot.
+
+    Args:
+        slots (`dict[str, int]`): slot of every routable adapter (1..N, the same numbering on every layer).
+        tables (`dict`): BitFit layer -> its `LayerTable` (layers no routable adapter touches are absent).
+        heads (`dict`): routed task head (peft `ModulesToSaveWrapper` or a serving head) -> adapter -> module.
+        generation (`int`): identifies the snapshot.
+        shared_rows (`bool`): the model runs some targeted layers once for the whole batch (DeBERTa relative
+            attention), so it cannot route per example.
+        copies (`dict`): adapter -> rows that hold a copy of a delta (fused slices, another dtype), with the
+            Parameter and its version when copied, checked per call so in-place edits are seen.
+    """
+
+    slots: dict[str, int]
+    tables: dict[Any, LayerTable] = field(default_factory=dict)
+    heads: dict[Any, dict[str, Any]] = field(default_factory=dict)
+    generation: int = field(default_factory=new_generation)
+    shared_rows: bool = False
+    copies: dict[str, list[tuple[Any, torch.Tensor, int]]] = field(default_factory=dict)
+    key: Any = None  # what the snapshot was built from (checked by the owner before reuse)
+
+
+@dataclass
+class MixedBatch:
+    """Per-call routing: `names[i]` is the adapter of example i, resolved against one `Routing` snapshot.
+
+    Args:
+        names (`list[str]`): one adapter name per example (`"__base__"` for none).
+        routing (`Routing`): the snapshot every layer of this call reads.
+        beams (`int`): beam-search width; layers seeing `len(names) * beams` rows repeat each name `beams` times.
+        tokens (`int`, *optional*): tokens per row of the latest model input, for layers that see the batch
+            flattened to (rows * tokens, features), batch-major (OPT's FFN).
+    """
+
+    names: list[str]
+    routing: Routing
+    beams: int = 1
+    tokens: int | None = None
+    unique: tuple[str, ...] = ()
+    _rows: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.unique = tuple(dict.fromkeys(n for n in self.names if n != BASE))
+
+    def _repeat(self, batch: int, flattened: bool) -> int:
+        """How many consecutive rows each example has in an input of `batch` rows. Rows are batch-major: each
+        example's beams and, when a layer flattens them (`flattened`), each example's tokens."""
+        n = len(self.names)
+        allowed = {1, self.beams}
+        if flattened and self.tokens:
+            allowed |= {self.tokens, self.beams * self.tokens}
+        repeat = batch // n if batch % n == 0 else 0
+        if repeat not in allowed:
+            raise ValueError(
+                f"adapter_names has {n} entries but a layer received a batch of {batch} rows. Pass one adapter "
+                "name per example, with the batch in dimension 0 of the inputs."
+            )
+        return repeat
+
+    def names_for(self, batch: int) -> list[str]:
+        """The adapter name of each of `batch` rows of a task head's input (see `rows_for`)."""
+        repeat = self._repeat(batch, flattened=False)
+        return [name for name in self.names for _ in range(repeat)]
+
+    def rows_for(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Slot of each row of an input with `batch` rows, on `device` (cached per call)."""
+        key = (batch, device)
+        rows = self._rows.get(key)
+        if rows is None:
+            repeat = self._repeat(batch, flattened=True)
+            slots = self.routing.slots
+            ids = torch.tensor([slots.get(name, 0) for name in self.names], dtype=torch.long)
+            rows = ids.repeat_interleave(repeat).to(device)
+            self._rows[key] = rows
+        return rows
+
+
+def current_mixed_batch() -> MixedBatch | None:
+    """The mixed batch of the running forward call in this thread or task, if any."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def mixed_batch(batch: MixedBatch) -> Iterator[None]:
+    """Publish `batch` to every BitFit layer for the duration of one forward or generate call."""
+    token = _CURRENT.set(batch)
+    InFlight.add(1)
+    try:
+        yield
+    finally:
+        InFlight.add(-1)
+        _CURRENT.reset(token)
+
+
+def check_names(names: Sequence[str], known: Mapping[str, int]) -> list[str]:
+    """Validate `adapter_names`: a list of str, each a routable adapter or `"__base__"`."""
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(
+            f"adapter_names must be a list with one adapter name per example, got {type(names).__name__}. "
+            f'Example: adapter_names=["sst2", "{BASE}", "trec"].'
+        )
+    names = list(names)
+    bad = sorted({n for n in names if n != BASE and n not in known})
+    if bad:
+        raise ValueError(
+            f"Unknown adapter name(s) in adapter_names: {bad}. Resident adapters ({len(known)}): "
+            f"{sorted(known)[:10]}{' ...' if len(known) > 10 else ''}; "
+            f'use "{BASE}" for the base model.'
+        )
+    return names
