@@ -71,8 +71,7 @@ def _fast_add(model: Any, name: str, config: Any) -> None:
     model.peft_config[name] = config
     for layer in model.base_model._bitfit_layers_cache:
         layer.bitfit_delta[name] = torch.nn.Parameter(torch.randn(layer._shape) * 0.05, requires_grad=False)
-        layer._mixed_cache = None
-    model.base_model._routing = None  # resident set changed: mixed-batch routing is rebuilt on the next call
+    # (adding a delta Parameter marks mixed-batch routing stale: it is rebuilt on the next mixed call)
 
 
 def _grow(model: Any, config_fn: Any, names: list[str], n: int, log: dict[str, Any], budget_s: float) -> None:

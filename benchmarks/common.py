@@ -176,11 +176,10 @@ def bitfit_missing() -> str | None:
 
 
 def bias_layers(model: nn.Module) -> list[nn.Module]:
-    """Modules owning a bias BitFit targets by default: Linear, Conv1D, Conv, LayerNorm, GroupNorm (by type)."""
-    from transformers.pytorch_utils import Conv1D
+    """Modules owning a bias BitFit targets by default (the layer types of `bitfit_peft.layer_types`)."""
+    from bitfit_peft.layer_types import SUPPORTED_TYPES
 
-    kinds = (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm)
-    return [m for m in model.modules() if isinstance(m, kinds) and getattr(m, "bias", None) is not None]
+    return [m for m in model.modules() if isinstance(m, SUPPORTED_TYPES) and getattr(m, "bias", None) is not None]
 
 
 def randomize_adapters(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
