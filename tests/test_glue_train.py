@@ -199,6 +199,12 @@ def test_missing_data_dir(tiny: dict[str, str], tmp_path: pathlib.Path, capsys: 
     assert "is not a directory" in _bad(tiny, tmp_path, capsys, **{"--data-dir": str(tmp_path / "nope")})
 
 
+def test_save_total_limit_must_keep_one(tiny: dict[str, str], tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    assert "--save-total-limit must be at least 1, got 0" in _bad(
+        tiny, tmp_path, capsys, **{"--save-total-limit": "0"}
+    )
+
+
 def test_model_path_does_not_exist(tiny: dict[str, str], tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     err = _bad(tiny, tmp_path, capsys, **{"--model": str(tmp_path / "no-model")})
     assert "is not a directory" in err and "--model" in err

@@ -11,6 +11,7 @@ DESCRIPTION = "Fine-tune an encoder on a GLUE task with BitFit (or a baseline) u
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse train.py's options (`--epochs` and `--lr` stay `None` until `resolve_defaults`)."""
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="Hub id or local model directory.")
     p.add_argument(
