@@ -7,27 +7,18 @@ what the base costs.
 
 from __future__ import annotations
 
-import gc
+from collections.abc import Callable
 from typing import Any
 
-from .common import (
-    MODELS,
-    Settings,
-    bitfit_missing,
-    forward_fn,
-    make_batch,
-    make_variant,
-    randomize_adapters,
-    target,
-    timing_table,
-)
-from .timing import interleaved
+from torch import nn
+
+from .common import Batch, Group, Settings, forward_fn, make_variant, randomize_adapters, run_groups, target
 
 ALL = ("base", "bitfit", "bitfit-merged", "beft", "lora")
 DECODER = ("base", "bitfit", "bitfit-merged", "lora")
 
 
-def groups(settings: Settings) -> list[tuple[str, int, int, tuple[str, ...], int]]:
+def groups(settings: Settings) -> list[Group]:
     (b1, s1), (b2, s2) = settings.batches
     r = settings.repeats
     if settings.quick:
@@ -45,7 +36,7 @@ def groups(settings: Settings) -> list[tuple[str, int, int, tuple[str, ...], int
     ]
 
 
-def build(kind: str, model_name: str, base: Any) -> Any:
+def build(kind: str, model_name: str, base: nn.Module) -> Any:
     """The inference model for `kind`, adapters filled with small random values."""
     if kind == "base":
         return make_variant("frozen", model_name, base)
@@ -57,42 +48,29 @@ def build(kind: str, model_name: str, base: Any) -> Any:
     return model
 
 
-def run_group(settings: Settings, model_name: str, batch: int, seq: int, kinds: tuple[str, ...], repeats: int) -> dict:
-    missing = bitfit_missing()
-    base = MODELS[model_name](settings)
-    data = make_batch(base, batch, seq)
-    fns, skipped = {}, {}
-    for kind in kinds:
-        if kind.startswith("bitfit") and missing:
-            skipped[kind] = missing
-            continue
-        fns[kind] = forward_fn(build(kind, model_name, base), data)
-    del base
-    gc.collect()
-    result = interleaved(fns, baseline="base", warmup=settings.warmup, repeats=repeats)
-    return {"model": model_name, "batch": batch, "seq": seq, "timing": result, "skipped": skipped}
+def _prepare(kind: str, model_name: str, base: nn.Module, data: Batch) -> tuple[Callable[[], None], dict[str, str]]:
+    return forward_fn(build(kind, model_name, base), data), {}
+
+
+def _targets(where: str, res: dict[str, Any], columns: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
+    return [
+        target(f"inference: bitfit unmerged ≤ 1.03× base ({where})", res["ratios"].get("bitfit"), 1.03),
+        target(f"inference: bitfit merged ≈ 1.00× base, ≤ 1.02 ({where})", res["ratios"].get("bitfit-merged"), 1.02),
+    ]
 
 
 def run(settings: Settings) -> dict[str, Any]:
-    out: dict[str, Any] = {"title": "Inference latency (one forward, inference_mode)", "groups": [], "tables": []}
-    targets = []
-    for model_name, batch, seq, kinds, repeats in groups(settings):
-        g = run_group(settings, model_name, batch, seq, kinds, repeats)
-        out["groups"].append(g)
-        res = g["timing"]
-        where = f"{model_name} {batch}×{seq}"
-        out["tables"].append(timing_table(where, res))
-        targets.append(target(f"inference: bitfit unmerged ≤ 1.03× base ({where})", res["ratios"].get("bitfit"), 1.03))
-        targets.append(
-            target(
-                f"inference: bitfit merged ≈ 1.00× base, ≤ 1.02 ({where})", res["ratios"].get("bitfit-merged"), 1.02
-            )
-        )
-    out["targets"] = targets
-    out["notes"] = [
-        "Adapters get small random values so merged weights differ from the base. LoRA is r=8 on query/value "
-        "(c_attn on GPT-2, q_proj/v_proj on Llama), unmerged; BEFT uses peft's default targets (value projections).",
-        "'≈ 1.00×' for merged is checked as ≤ 1.02× to leave room for noise. BERT-base runs at 8×128 only (a "
-        "32×128 forward takes ~10 s here); the 32×128 shape is measured on the real MiniLM encoder.",
-    ]
-    return out
+    return run_groups(
+        settings,
+        groups(settings),
+        title="Inference latency (one forward, inference_mode)",
+        baseline="base",
+        prepare=_prepare,
+        targets=_targets,
+        notes=[
+            "Adapters get small random values so merged weights differ from the base. LoRA is r=8 on query/value "
+            "(c_attn on GPT-2, q_proj/v_proj on Llama), unmerged; BEFT uses peft's default targets (value projections).",
+            "'≈ 1.00×' for merged is checked as ≤ 1.02× to leave room for noise. BERT-base runs at 8×128 only (a "
+            "32×128 forward takes seconds on a shared 2-core CPU); the 32×128 shape is measured on the real MiniLM.",
+        ],
+    )

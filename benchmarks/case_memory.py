@@ -119,6 +119,7 @@ def run(settings: Settings) -> dict[str, Any]:
     plan = [("bert-base", *settings.batches[0])]
     if not settings.quick:
         plan.append(("minilm", *settings.batches[1]))
+    plan = [p for p in plan if settings.keeps(p[0])]
     rows, data, skipped = [], [], {}
     ctx = multiprocessing.get_context("spawn")
     # Full mode: a fresh process per probe. Quick mode shares one worker (the peak-RSS reset keeps probes apart) so
@@ -161,6 +162,7 @@ def run(settings: Settings) -> dict[str, Any]:
             "peak − built = the step's own RSS cost (activations, gradients, optimizer state, allocator slack).",
             "allocator peak = highest running total of torch CPU allocations during one steady-state step "
             "(profiler memory events, op granularity); optimizer state is allocated in the warm-up step, not here.",
-            "BERT-base is probed at 8×128 and the real MiniLM at 32×128 (BERT-base 32×128 steps take ~40 s here).",
+            "BERT-base is probed at 8×128 and the real MiniLM at 32×128 (a BERT-base 32×128 step takes tens of "
+            "seconds on a shared 2-core CPU).",
         ],
     }

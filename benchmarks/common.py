@@ -1,6 +1,7 @@
-"""Shared pieces of the suite: run settings per mode, model builders, batches, the variants under test, memory probes.
+"""Shared pieces of the suite: run settings, model builders, batches, the variants under test, memory probes, and
+`run_groups`, the shape of the per-model timing cases (training, inference) built on `timing.interleaved`.
 
-Every case module takes a `Settings` and returns a JSON-ready dict; nothing here times anything (see `timing.py`).
+Every case module takes a `Settings` and returns a JSON-ready dict.
 """
 
 from __future__ import annotations
@@ -8,15 +9,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import dataclasses
+import gc
 import os
 import platform
-import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from .timing import interleaved
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -41,9 +45,24 @@ class Settings:
     scaling_seqs: tuple[int, ...]
     scaling_batches: tuple[int, ...]
     resident_ns: tuple[int, ...]
+    models: tuple[str, ...] = ()  # run only the groups of these models (training, memory, inference); () = all
 
     @classmethod
-    def for_mode(cls, quick: bool) -> Settings:
+    def for_mode(cls, quick: bool, models: tuple[str, ...] = (), repeats: int | None = None) -> Settings:
+        """The settings of a mode; `models` keeps only those models' groups, `repeats` overrides the round count."""
+        unknown = sorted(set(models) - set(MODELS))
+        if unknown:
+            raise ValueError(f"Unknown model(s) {unknown}; choose from {sorted(MODELS)}.")
+        if repeats is not None and repeats < 1:
+            raise ValueError(f"repeats must be >= 1; got {repeats}.")
+        settings = cls._preset(quick)
+        return dataclasses.replace(settings, models=tuple(models), repeats=repeats or settings.repeats)
+
+    def keeps(self, model_name: str) -> bool:
+        return not self.models or model_name in self.models
+
+    @classmethod
+    def _preset(cls, quick: bool) -> Settings:
         if quick:
             return cls(True, 0, 1, ((2, 16), (4, 16)), (8, 16), (1, 4, 8), (1, 8), 8, 5, (8,), (1, 2), (1, 5))
         return cls(
@@ -53,9 +72,12 @@ class Settings:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def bert_base(settings: Settings, seed: int = 0) -> nn.Module:
-    """BERT-base-shaped encoder (110M, random init); a 2-layer, 64-wide one in quick mode."""
-    from transformers import BertConfig, BertModel
+def bert_base(settings: Settings, seed: int = 0, classifier: bool = False) -> nn.Module:
+    """BERT-base-shaped encoder (110M, random init); a 2-layer, 64-wide one in quick mode.
+
+    `classifier=True` gives `BertForSequenceClassification` (2 labels) instead of the bare encoder.
+    """
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(seed)
     if settings.quick:
@@ -64,7 +86,7 @@ def bert_base(settings: Settings, seed: int = 0) -> nn.Module:
         )
     else:
         config = BertConfig()
-    return BertModel(config).eval()
+    return (BertForSequenceClassification if classifier else BertModel)(config).eval()
 
 
 def minilm(settings: Settings) -> nn.Module:
@@ -119,14 +141,17 @@ def is_decoder(model: nn.Module) -> bool:
 
 
 def make_batch(model: nn.Module, batch: int, seq: int, seed: int = 0) -> Batch:
-    """Random token ids (and labels for decoders) of shape batch x seq."""
+    """Random token ids (and labels for decoders and classifiers) of shape batch x seq, on the model's device."""
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     out: Batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if is_decoder(model):
         out["labels"] = ids
-    return out
+    elif hasattr(model, "classifier"):
+        out["labels"] = torch.zeros(batch, dtype=torch.long)
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in out.items()}
 
 
 def loss_of(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -151,11 +176,10 @@ def bitfit_missing() -> str | None:
 
 
 def bias_layers(model: nn.Module) -> list[nn.Module]:
-    """Modules owning a bias BitFit targets by default: Linear, Conv1D, Conv, LayerNorm, GroupNorm (by type)."""
-    from transformers.pytorch_utils import Conv1D
+    """Modules owning a bias BitFit targets by default (the layer types of `bitfit_peft.layer_types`)."""
+    from bitfit_peft.layer_types import SUPPORTED_TYPES
 
-    kinds = (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm)
-    return [m for m in model.modules() if isinstance(m, kinds) and getattr(m, "bias", None) is not None]
+    return [m for m in model.modules() if isinstance(m, SUPPORTED_TYPES) and getattr(m, "bias", None) is not None]
 
 
 def randomize_adapters(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
@@ -203,14 +227,20 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def train_step_fn(model: nn.Module, batch: Batch) -> Callable[[], None]:
-    """One AdamW training step (zero_grad, forward, backward, step) on `model`'s trainable parameters."""
+def train_step_fn(model: nn.Module, batch: Batch, autocast: torch.dtype | None = None) -> Callable[[], None]:
+    """One AdamW training step (zero_grad, forward, backward, step) on `model`'s trainable parameters.
+
+    `autocast` runs the forward under `torch.autocast` in that dtype (the GPU check trains fp32 models in bf16).
+    """
     model.train()
     opt = torch.optim.AdamW(trainable(model), lr=1e-4)
+    device_type = next(model.parameters()).device.type
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_of(model, batch).backward()
+        with torch.autocast(device_type, dtype=autocast) if autocast else contextlib.nullcontext():
+            loss = loss_of(model, batch)
+        loss.backward()
         opt.step()
 
     step.optimizer = opt  # type: ignore[attr-defined]
@@ -229,16 +259,68 @@ def forward_fn(model: nn.Module, batch: Batch, **kw: Any) -> Callable[[], None]:
     return fwd
 
 
+# ---------------------------------------------------------------------------------------------------- groups
+Group = tuple[str, int, int, tuple[str, ...], int]  # (model, batch, seq, variants, recorded rounds)
+Prepare = Callable[[str, str, nn.Module, Batch], tuple[Callable[[], None], dict[str, str]]]
+Targets = Callable[[str, dict[str, Any], dict[str, dict[str, str]]], list[dict[str, Any]]]
+
+
+def run_groups(
+    settings: Settings,
+    groups: list[Group],
+    *,
+    title: str,
+    baseline: str,
+    prepare: Prepare,
+    targets: Targets,
+    notes: list[str],
+) -> dict[str, Any]:
+    """The shape of the per-model timing cases: per group, build every variant from one base model, time them
+    interleaved against `baseline`, and add the group's table and target checks.
+
+    Args:
+        settings: the run's settings; groups of models it does not keep are left out.
+        groups: (model, batch, seq, variants, recorded rounds) per group.
+        title: the case's title.
+        baseline: the variant every ratio is taken against.
+        prepare: (variant, model name, base model, batch) -> (the zero-argument call to time, extra table columns).
+        targets: (where, interleaved result, extra columns) -> the group's target checks; it may add paired ratios
+            to the result and columns to the extra columns.
+        notes: lines the report prints under the case's tables.
+
+    Returns:
+        `{"title", "groups": [{"model", "batch", "seq", "timing", "columns"}], "tables", "targets", "skipped", "notes"}`;
+        BitFit variants are skipped (and listed) when `bitfit_peft` fails to import.
+    """
+    missing = bitfit_missing()
+    out: dict[str, Any] = {"title": title, "groups": [], "tables": [], "targets": [], "skipped": {}, "notes": notes}
+    for model_name, batch, seq, kinds, repeats in groups:
+        if not settings.keeps(model_name):
+            continue
+        where = f"{model_name} {batch}×{seq}"
+        base = MODELS[model_name](settings)
+        data = make_batch(base, batch, seq)
+        fns: dict[str, Callable[[], None]] = {}
+        columns: dict[str, dict[str, str]] = {}
+        for kind in kinds:
+            if kind.startswith("bitfit") and missing:
+                out["skipped"][f"{kind} ({where})"] = missing
+                continue
+            fns[kind], columns[kind] = prepare(kind, model_name, base, data)
+        del base
+        gc.collect()
+        result = interleaved(fns, baseline=baseline, warmup=settings.warmup, repeats=repeats)
+        out["targets"] += targets(where, result, columns)
+        out["groups"].append({"model": model_name, "batch": batch, "seq": seq, "timing": result, "columns": columns})
+        out["tables"].append(timing_table(where, result, columns))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- memory
 def rss_bytes() -> int:
     """Current resident set size of this process."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def trim_heap() -> None:

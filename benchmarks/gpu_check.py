@@ -1,8 +1,10 @@
-"""GPU check: correctness of the dtype and mixed-batch paths on CUDA, and the speed ratios of issue 4 on one GPU.
+"""GPU check: correctness of the dtype and mixed-batch paths on CUDA, and the training and inference ratios on one GPU.
 
-Run on a machine with a CUDA GPU: ``python -m benchmarks.gpu_check --out DIR``. Writes ``DIR/gpu_check.json``.
-Correctness checks raise on failure; timings are ratios to a baseline measured interleaved in the same process
-(A B A B ..., synchronised wall clock, median of the repeats after warm-up), never asserted.
+Run on a machine with a CUDA GPU: ``python -m benchmarks.gpu_check --out DIR``; writes ``DIR/gpu_check.json``.
+``--device cpu --quick`` runs the same code on the tiny quick-mode model (a dry run of the script, for CI).
+Correctness checks raise on failure. Timings reuse the suite's pieces: `common.bert_base` and `make_variant` build
+the variants, `common.train_step_fn` / `forward_fn` make the calls, and `timing.interleaved` times them round-robin
+against a baseline (each call followed by a device synchronise), so the ratios are per-round ratios, never asserted.
 """
 
 from __future__ import annotations
@@ -10,40 +12,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import transformers
 from peft import get_peft_model
+from torch import nn
 
-import bitfit_peft
-from bitfit_peft import BitFitConfig, BitFitLayer
+from .common import Batch, Settings, bert_base, forward_fn, make_batch, make_variant, randomize_adapters, train_step_fn
+from .timing import interleaved, paired_ratio
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a dry run of the script itself
-
-
-def _bert(size: str, dtype: torch.dtype = torch.float32) -> transformers.BertForSequenceClassification:
-    torch.manual_seed(0)
-    dims = {"tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)}
-    cfg = transformers.BertConfig(**dims.get(size, {}))
-    return transformers.BertForSequenceClassification(cfg).to(DEVICE, dtype).eval()
+MODEL = "bert-base"
+MIXED_ADAPTERS = 32
+TRAIN_KINDS = ("floor", "bitfit", "full")  # biases trained in place, BitFit (with its classifier head), everything
 
 
-def _inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (batch, seq), generator=g).to(DEVICE)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+def _bert(settings: Settings, device: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The suite's BERT-base-shaped classifier (tiny in quick mode) on `device` in `dtype`."""
+    return bert_base(settings, classifier=True).to(device, dtype)
 
 
-def check_correctness() -> dict[str, Any]:
-    """bf16/fp16 bases with fp32 deltas, autocast, mixed batches and merge, all on CUDA."""
+def check_correctness(device: str) -> dict[str, Any]:
+    """bf16/fp16 bases with fp32 deltas, autocast, mixed batches and merge, on `device` (tiny model: size is moot)."""
+    from bitfit_peft import BitFitConfig
+
     out: dict[str, Any] = {}
-    x = _inputs(6, 16)
+    quick = Settings.for_mode(True)
+    x = make_batch(_bert(quick, device), 6, 16)
+    labels = x.pop("labels")
     for dtype in (torch.bfloat16, torch.float16):
-        base = _bert("tiny", dtype)
+        base = _bert(quick, device, dtype)
         with torch.no_grad():
             ref = base(**x).logits.clone()
         model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS")).eval()
@@ -51,19 +50,18 @@ def check_correctness() -> dict[str, Any]:
         with torch.no_grad():
             same = torch.equal(model(**x).logits, ref)
         model.train()
-        loss = model(**x, labels=torch.zeros(6, dtype=torch.long, device=DEVICE)).loss
-        loss.backward()
+        model(**x, labels=labels).loss.backward()
         grads = [p.grad for n, p in model.named_parameters() if "bitfit_delta" in n]
-        if not same or deltas != {torch.float32} or any(g is None or not torch.isfinite(g).all() for g in grads):
-            raise AssertionError(f"{dtype}: fresh==base {same}, delta dtypes {deltas}")
+        finite = all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+        if not same or deltas != {torch.float32} or not finite:
+            raise AssertionError(f"{dtype}: fresh==base {same}, delta dtypes {deltas}, finite grads {finite}")
         out[str(dtype)] = {"fresh_equals_base": same, "delta_dtype": "float32", "grads_finite": True}
-    # fp32 base under autocast(bf16)
-    model = get_peft_model(_bert("tiny"), BitFitConfig(task_type="SEQ_CLS", init_weights=False))
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        loss = model(**x, labels=torch.zeros(6, dtype=torch.long, device=DEVICE)).loss
+    model = get_peft_model(_bert(quick, device), BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    with torch.autocast(device, dtype=torch.bfloat16):  # fp32 base under autocast(bf16)
+        loss = model(**x, labels=labels).loss
     loss.backward()
-    out["autocast_bf16_loss"] = float(loss)
-    # mixed batch == per example, and merge == unmerged, on CUDA
+    out["autocast_bf16_loss"] = float(loss.detach())
+    # mixed batch == one adapter at a time, and merged == unmerged
     model.add_adapter("q", BitFitConfig(task_type="SEQ_CLS", init_weights=False, bias_terms=["query"]))
     model.eval()
     names = ["q", "__base__", "default", "q", "default", "__base__"]
@@ -86,108 +84,92 @@ def check_correctness() -> dict[str, Any]:
     return out
 
 
-def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, dict[str, float]]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
-    sync()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()}
+def _seq_cls(kind: str) -> dict[str, Any]:
+    """BitFit on a classifier is configured with its task type (the head is trained and saved with the adapter)."""
+    return {"task_type": "SEQ_CLS"} if kind == "bitfit" else {}
 
 
-def _train_step(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> Callable[[], None]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    labels = torch.zeros(x["input_ids"].shape[0], dtype=torch.long, device=DEVICE)
+def _synced(fns: dict[str, Callable[[], None]], device: str) -> dict[str, Callable[[], None]]:
+    """Each call followed by a device synchronise, so the timer sees the kernels finish, not just their launch."""
+    if device != "cuda":
+        return fns
 
-    def step() -> None:
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss = model(**x, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def time_bert_base(batch: int, seq: int, repeats: int, size: str = "base") -> dict[str, Any]:
-    """Training step and inference on a BERT-base-shaped model (bf16 autocast), as ratios to the baselines."""
-    x = _inputs(batch, seq)
-    floor = _bert(size).train()
-    for n, p in floor.named_parameters():
-        p.requires_grad_(n.endswith("bias") or n.startswith("classifier"))
-    full = _bert(size).train()
-    bitfit = get_peft_model(_bert(size), BitFitConfig(task_type="SEQ_CLS")).train()
-    train = _interleaved(
-        {"floor": _train_step(floor, x), "bitfit": _train_step(bitfit, x), "full": _train_step(full, x)}, repeats
-    )
-    base = _bert(size, torch.bfloat16)
-    unmerged = get_peft_model(_bert(size, torch.bfloat16), BitFitConfig(task_type="SEQ_CLS", init_weights=False))
-    unmerged.eval()
-    merged = get_peft_model(_bert(size, torch.bfloat16), BitFitConfig(task_type="SEQ_CLS", init_weights=False))
-    merged.eval().merge_adapter()
-    mixed = get_peft_model(_bert(size, torch.bfloat16), BitFitConfig(task_type="SEQ_CLS", init_weights=False))
-    for i in range(31):
-        mixed.add_adapter(f"t{i}", BitFitConfig(task_type="SEQ_CLS", init_weights=False))
-    mixed.eval()
-    names = ["default"] + [f"t{i}" for i in range(31)]
-    names = [names[i % 32] for i in range(batch)]
-
-    def run(m: torch.nn.Module, **kw: Any) -> Callable[[], None]:
+    def wrap(fn: Callable[[], None]) -> Callable[[], None]:
         def call() -> None:
-            with torch.no_grad():
-                m(**x, **kw)
+            fn()
+            torch.cuda.synchronize()
 
         return call
 
-    infer = _interleaved(
-        {
-            "base": run(base),
-            "unmerged": run(unmerged),
-            "merged": run(merged),
-            "mixed_32_adapters": run(mixed, adapter_names=names),
-        },
-        repeats,
-    )
-    ratio = {
-        "train_bitfit_over_floor": train["bitfit"]["median_ms"] / train["floor"]["median_ms"],
-        "train_bitfit_over_full": train["bitfit"]["median_ms"] / train["full"]["median_ms"],
-        "infer_unmerged_over_base": infer["unmerged"]["median_ms"] / infer["base"]["median_ms"],
-        "infer_merged_over_base": infer["merged"]["median_ms"] / infer["base"]["median_ms"],
-        "infer_mixed32_over_unmerged": infer["mixed_32_adapters"]["median_ms"] / infer["unmerged"]["median_ms"],
+    return {name: wrap(fn) for name, fn in fns.items()}
+
+
+def _mixed_model(base: nn.Module, data: Batch) -> Callable[[], None]:
+    """A forward whose batch spreads over `MIXED_ADAPTERS` resident BitFit adapters (one per example, round-robin)."""
+    from bitfit_peft import BitFitConfig
+
+    model = make_variant("bitfit", MODEL, base, task_type="SEQ_CLS")
+    for i in range(1, MIXED_ADAPTERS):
+        model.add_adapter(f"t{i}", BitFitConfig(task_type="SEQ_CLS"))
+    randomize_adapters(model)
+    adapters = ["default"] + [f"t{i}" for i in range(1, MIXED_ADAPTERS)]
+    batch = len(data["input_ids"])
+    return forward_fn(model, data, adapter_names=[adapters[i % MIXED_ADAPTERS] for i in range(batch)])
+
+
+def time_bert_base(settings: Settings, device: str, batch: int, seq: int, repeats: int) -> dict[str, Any]:
+    """Training steps (fp32 model, bf16 autocast) and bf16 inference on BERT-base, as per-round ratios."""
+    from .case_inference import build
+
+    base = _bert(settings, device)
+    data = make_batch(base, batch, seq)
+    steps = {
+        kind: train_step_fn(make_variant(kind, MODEL, base, **_seq_cls(kind)), data, autocast=torch.bfloat16)
+        for kind in TRAIN_KINDS
     }
-    return {"batch": batch, "seq": seq, "repeats": repeats, "train": train, "infer": infer, "ratios": ratio}
+    train = interleaved(_synced(steps, device), baseline="floor", warmup=3, repeats=repeats)
+    base = _bert(settings, device, torch.bfloat16)
+    calls = {k: forward_fn(build(k, MODEL, base), data) for k in ("base", "bitfit", "bitfit-merged")}
+    calls[f"mixed {MIXED_ADAPTERS} adapters"] = _mixed_model(base, data)
+    infer = interleaved(_synced(calls, device), baseline="base", warmup=3, repeats=repeats)
+    ratios = {
+        "train_bitfit_over_floor": train["ratios"]["bitfit"],
+        "train_bitfit_over_full": paired_ratio(train, "bitfit", "full"),
+        "infer_unmerged_over_base": infer["ratios"]["bitfit"],
+        "infer_merged_over_base": infer["ratios"]["bitfit-merged"],
+        "infer_mixed_over_unmerged": paired_ratio(infer, f"mixed {MIXED_ADAPTERS} adapters", "bitfit"),
+    }
+    return {"batch": batch, "seq": seq, "repeats": repeats, "train": train, "infer": infer, "ratios": ratios}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--size", default="base", choices=["base", "tiny"])
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for gpu_check.json")
+    parser.add_argument("--repeats", type=int, default=30, help="recorded interleaved rounds per comparison")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--quick", action="store_true", help="tiny model, batches 2 and 4 of 16 tokens (dry run)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible; run on a GPU machine or pass --device cpu.")
+    import bitfit_peft
+
+    settings = Settings.for_mode(args.quick)
+    shapes = [(2, 16), (4, 16)] if args.quick else [(8, 128), (32, 128)]
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "bitfit_peft": bitfit_peft.__version__,
-        "correctness": check_correctness(),
-        "bert_base": [time_bert_base(b, 128, args.repeats, args.size) for b in (8, 32)],
+        "correctness": check_correctness(args.device),
+        "bert_base": [time_bert_base(settings, args.device, b, s, args.repeats) for b, s in shapes],
     }
-    n_layers = sum(isinstance(m, BitFitLayer) for m in get_peft_model(_bert("tiny"), BitFitConfig()).modules())
-    report["tiny_layers_wrapped"] = n_layers
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=2)
-    print(json.dumps({k: v for k, v in report.items() if k != "bert_base"}, indent=2))
+    print(json.dumps(report["correctness"], indent=2))
     for r in report["bert_base"]:
-        print(r["batch"], json.dumps(r["ratios"], indent=1))
+        print(f"{r['batch']}×{r['seq']}", {k: round(v["median"], 3) for k, v in r["ratios"].items()})
+    return report
 
 
 if __name__ == "__main__":

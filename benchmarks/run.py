@@ -1,6 +1,7 @@
 """Command line of the suite: runs the selected cases and writes `results.json` and `report.md`.
 
-python -m benchmarks.run [--quick] [--out DIR] [--cases training memory ...] [--threads N]
+python -m benchmarks.run [--quick] [--out DIR] [--cases training memory ...] [--models minilm ...] [--repeats N]
+    [--threads N] [--merge]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from . import case_files, case_inference, case_memory, case_mixed, case_scaling, case_training
-from .common import Settings, machine_info
+from .common import MODELS, Settings, machine_info
 from .report import render
 
 CASES: dict[str, Callable[[Settings], dict[str, Any]]] = {
@@ -37,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (CI: checks it runs)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="directory for results.json and report.md")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), help="cases to run")
+    parser.add_argument(
+        "--models", nargs="+", default=[], choices=list(MODELS), help="training, memory, inference: only these models"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="recorded rounds (the cases scale it per group)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
         "--merge", action="store_true", help="keep the other cases of an existing results.json in --out (rerun some)"
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = Settings.for_mode(args.quick)
+    settings = Settings.for_mode(args.quick, models=tuple(args.models), repeats=args.repeats)
     started = time.perf_counter()
     results: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",

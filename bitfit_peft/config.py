@@ -41,6 +41,10 @@ class BitFitConfig(PeftConfig):
             merging creates the bias on the base layer. Norms without a bias argument (RMSNorm) are never targeted.
         init_weights (`bool`):
             `True` (default) initialises deltas to zero; `False` draws them from N(0, 0.05^2) (for tests).
+        labels (`list[str]`, *optional*):
+            The task's label names in the order of the head's outputs (serving and the model card show them).
+        problem_type (`str`, *optional*):
+            `"regression"`, `"single_label_classification"` or `"multi_label_classification"`.
         save_dtype (`str`, *optional*):
             Store the deltas as `"bfloat16"` or `"float16"` in the checkpoint to halve the file; they load back into
             the training dtype. `None` or `"float32"` keeps the deltas' own dtype.
@@ -85,6 +89,17 @@ class BitFitConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "Zero-initialise the deltas (True) or draw them at random (False)."}
     )
+    labels: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Names of the task's labels, in the order of the head's outputs (read by the serving store and "
+            "the model card); unset for regression or when unknown."
+        },
+    )
+    problem_type: Literal["regression", "single_label_classification", "multi_label_classification"] | None = field(
+        default=None,
+        metadata={"help": "What the head predicts; unset: inferred from the head (1 output = regression)."},
+    )
     save_dtype: Literal["float32", "bfloat16", "float16"] | None = field(
         default=None,
         metadata={"help": f"Dtype of the deltas in the checkpoint, one of {list(SAVE_DTYPES)}; unset keeps theirs."},
@@ -116,6 +131,15 @@ class BitFitConfig(PeftConfig):
             )
         if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"Invalid save_dtype {self.save_dtype!r}. Must be one of {list(SAVE_DTYPES)} or None.")
+        if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
+            raise ValueError(
+                f"Invalid problem_type {self.problem_type!r}. Must be 'regression', 'single_label_classification', "
+                "'multi_label_classification' or None."
+            )
+        if self.labels is not None and (
+            isinstance(self.labels, str) or not all(isinstance(x, str) for x in self.labels)
+        ):
+            raise ValueError(f"labels must be a list of label names (str), got {self.labels!r}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is only used with layers_to_transform; set layers_to_transform too.")
 

@@ -22,7 +22,13 @@ from .files import check_adapter_file
 from .layer import BitFitLayer
 from .router import router_for
 
-__all__ = ["abort_load", "check_against_model", "expected_deltas", "hotswap_adapter", "remember_requires_grad"]
+__all__ = [
+    "abort_load",
+    "check_against_model",
+    "expected_deltas",
+    "hotswap_adapter",
+    "remember_requires_grad",
+]
 
 # Base model -> requires_grad of its parameters before the first BitFit injection, to undo a failed load exactly.
 _REQUIRES_GRAD_BEFORE: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()

@@ -25,7 +25,7 @@ from torch import nn
 from .layer import BitFitLayer, Changes, state_update
 from .routing import LayerTable, Routing, RWLock, current_mixed_batch
 
-__all__ = ["Router", "build_routing", "router_for"]
+__all__ = ["Router", "build_routing", "install_token_hook", "router_for"]
 
 _ROUTERS: weakref.WeakKeyDictionary[nn.Module, Router] = weakref.WeakKeyDictionary()
 _ROUTERS_LOCK = threading.Lock()
@@ -160,16 +160,22 @@ def build_routing(model: nn.Module, adapters: Iterable[str]) -> Routing:
             routing.heads[module] = {n: module.modules_to_save[n] for n in names if n in module.modules_to_save}
         elif isinstance(module, AuxiliaryTrainingWrapper):
             _install(module, "names_kwarg")
-    get_embeddings: Any = getattr(model, "get_input_embeddings", None)
-    embeddings = get_embeddings() if callable(get_embeddings) else None
-    if isinstance(embeddings, nn.Module):
-        _install(embeddings, "tokens")
+    install_token_hook(model)
     config = getattr(model, "config", None)
     # DeBERTa's relative-position embeddings go through targeted layers once for the whole batch
     routing.shared_rows = getattr(config, "model_type", None) in ("deberta", "deberta-v2") and bool(
         getattr(config, "relative_attention", False)
     )
     return routing
+
+
+def install_token_hook(model: nn.Module) -> None:
+    """Record the tokens per row of each model input into the running mixed call (for layers that see the batch
+    flattened with its tokens, e.g. OPT's FFN). Installed once; inert outside mixed calls."""
+    get_embeddings: Any = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    if isinstance(embeddings, nn.Module):
+        _install(embeddings, "tokens")
 
 
 def _install(module: nn.Module, kind: str) -> None:

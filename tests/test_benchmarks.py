@@ -1,4 +1,7 @@
-"""The benchmark suite's quick mode runs end to end and writes a complete report (never checks a timing)."""
+"""The benchmark suite's quick mode and the GPU check's CPU dry run run end to end and write complete reports.
+
+No test checks a timing; the ratios are only checked to exist.
+"""
 
 from __future__ import annotations
 
@@ -17,15 +20,7 @@ CASES = ("training", "memory", "inference", "mixed", "files", "scaling")
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _run_module(["benchmarks.run", "--quick", "--out", str(out)])
     assert proc.returncode == 0, f"quick benchmark run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return out
 
@@ -60,3 +55,50 @@ def test_report_names_every_case(quick_run: Path) -> None:
     for name in CASES:
         assert f"(`{name}`)" in report
     assert "## Targets" in report
+
+
+def _run_module(args: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
+    """The GPU check's CPU path runs its correctness checks and every timed comparison on the tiny model."""
+    proc = _run_module(
+        ["benchmarks.gpu_check", "--device", "cpu", "--quick", "--repeats", "1", "--out", str(tmp_path)]
+    )
+    assert proc.returncode == 0, f"gpu_check failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["device"] == "cpu"
+    correctness = report["correctness"]
+    assert correctness["mixed_max_abs_err"] <= 1e-4 and correctness["merge_max_abs_err"] <= 1e-3
+    assert all(correctness[d]["fresh_equals_base"] for d in ("torch.bfloat16", "torch.float16"))
+    assert [(r["batch"], r["seq"]) for r in report["bert_base"]] == [(2, 16), (4, 16)]
+    for shape in report["bert_base"]:
+        assert set(shape["train"]["times"]) == {"floor", "bitfit", "full"}
+        assert set(shape["infer"]["times"]) == {"base", "bitfit", "bitfit-merged", "mixed 32 adapters"}
+        assert all(ratio["n"] == 1 for ratio in shape["ratios"].values())
+
+
+def test_models_option_keeps_only_those_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import case_training
+    from benchmarks.common import Settings
+
+    case = case_training.run(Settings.for_mode(True, models=("gpt2-shaped",), repeats=2))
+    assert [g["model"] for g in case["groups"]] == ["gpt2-shaped"]
+    assert case["groups"][0]["timing"]["repeats"] == 2
+    assert len(case["targets"]) == 2 and len(case["tables"]) == 1
+
+
+def test_settings_reject_unknown_models_and_zero_repeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.common import Settings
+
+    with pytest.raises(ValueError, match=r"Unknown model\(s\) \['bert'\]; choose from"):
+        Settings.for_mode(True, models=("bert",))
+    with pytest.raises(ValueError, match="repeats must be >= 1; got 0"):
+        Settings.for_mode(True, repeats=0)

@@ -1,0 +1,7 @@
+"""Serving many BitFit tasks on one base model: the thread-safe `TaskStore` (bulk adapter loading, mixed-task
+`predict` and `generate`, tasks with different heads, add/replace/remove while serving)."""
+
+from .adapters import AdapterError, UnknownTaskError
+from .store import GenerationRequest, Prediction, TaskInfo, TaskStore
+
+__all__ = ["AdapterError", "GenerationRequest", "Prediction", "TaskInfo", "TaskStore", "UnknownTaskError"]

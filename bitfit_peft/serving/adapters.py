@@ -1,0 +1,138 @@
+"""Reading adapter directories for serving: one adapter's config, deltas and task head, checked before use.
+
+Only safetensors files are read (no pickle), and every problem is an `AdapterError` naming the adapter, the file
+and the fix, raised before anything is served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..constants import DELTA_ATTR, PEFT_TYPE_NAME, strip_peft_prefix
+from ..files import read_safetensors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+# adapter_config.json fields that decide which modules an adapter targets
+SELECTION_FIELDS = (
+    "target_modules",
+    "bias_terms",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "add_missing_bias",
+    "task_type",
+)
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be served; the message names it and says what to do."""
+
+
+class UnknownTaskError(KeyError):
+    """A task that is not loaded; the message lists the tasks that are."""
+
+    def __init__(self, task: str, known: list[str]) -> None:
+        self.task, self.known = task, known
+        shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "")
+        super().__init__(f"Unknown task {task!r}. Loaded tasks ({len(known)}): {shown or 'none'}.")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class AdapterFile:
+    """One adapter read from disk.
+
+    Args:
+        name (`str`): the task name it is served under.
+        path (`str`): its directory.
+        config (`dict`): adapter_config.json.
+        deltas (`dict[str, torch.Tensor]`): module path (no peft prefix) -> delta, float32.
+        head (`dict[str, torch.Tensor]`): head parameter path (e.g. `classifier.out_proj.weight`) -> value.
+        size_bytes (`int`): size of the weights file.
+    """
+
+    name: str
+    path: str
+    config: dict[str, Any]
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+    size_bytes: int = 0
+
+    @property
+    def params(self) -> int:
+        return sum(t.numel() for t in (*self.deltas.values(), *self.head.values()))
+
+    def selection_key(self) -> str:
+        """Adapters with the same key target the same modules."""
+        return json.dumps({k: _canonical(self.config.get(k)) for k in SELECTION_FIELDS}, sort_keys=True)
+
+
+def _canonical(value: Any) -> Any:
+    return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+
+def read_adapter(name: str, path: str) -> AdapterFile:
+    """Read and check the adapter in directory `path` (served as task `name`).
+
+    Raises:
+        AdapterError: the directory, config or weights are missing, unreadable, not BitFit, or hold non-finite values.
+    """
+    where = f"adapter {name!r} ({path})"
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isdir(path):
+        raise AdapterError(f"{where}: no such directory; pass a directory written by model.save_pretrained().")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise AdapterError(
+            f"{where}: no {CONFIG_NAME}; pass a directory written by model.save_pretrained()."
+        ) from None
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"{where}: {CONFIG_NAME} is not valid JSON ({err}); save the adapter again.") from None
+    if not isinstance(config, dict) or str(config.get("peft_type")) != PEFT_TYPE_NAME:
+        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise AdapterError(f"{where}: not a BitFit adapter (peft_type {found!r}, expected {PEFT_TYPE_NAME!r}).")
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.exists(weights):
+        raise AdapterError(
+            f"{where}: no {WEIGHTS_NAME}. Serving reads safetensors only (a pickle adapter_model.bin could run code); "
+            "convert it with model.save_pretrained(..., safe_serialization=True)."
+        )
+    try:
+        tensors, _ = read_safetensors(weights)
+    except ValueError as err:
+        raise AdapterError(f"{where}: {err}") from None
+    adapter = AdapterFile(name=name, path=path, config=config, size_bytes=os.path.getsize(weights))
+    marker = f".{DELTA_ATTR}"
+    for key, value in tensors.items():
+        key = strip_peft_prefix(key)
+        if not value.is_floating_point():
+            raise AdapterError(f"{where}: tensor {key} has dtype {value.dtype}, expected floating point.")
+        if key.endswith(marker):
+            adapter.deltas[key.removesuffix(marker)] = value.float()
+        else:
+            adapter.head[key] = value.clone()  # heads outlive the file buffer; deltas are copied into tables
+    if not adapter.deltas:
+        raise AdapterError(f"{where}: {WEIGHTS_NAME} holds no BitFit deltas (keys ending in {marker}).")
+    return adapter
+
+
+def scan(root: str) -> dict[str, str]:
+    """Task name -> adapter directory for every `<root>/<task>/adapter_config.json`."""
+    if not os.path.isdir(root):
+        raise AdapterError(f"Adapters directory {root} does not exist; pass a directory of <task>/ adapter folders.")
+    return {
+        entry: os.path.join(root, entry)
+        for entry in sorted(os.listdir(root))
+        if os.path.isfile(os.path.join(root, entry, CONFIG_NAME))
+    }

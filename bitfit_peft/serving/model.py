@@ -1,0 +1,135 @@
+"""The served model: one base with BitFit layers on the union of the adapters' targets, and per-task heads.
+
+`build_base` loads the base once (a sequence classifier, or a causal LM for generation). `wrap_layers` puts a
+`BitFitLayer` with no adapter of its own on each targeted module: its mixed-batch path reads the store's tables.
+`TaskHeads` replaces each task-head module (`classifier`, `score`, DistilBERT's `pre_classifier`): in a mixed call
+it runs each task's own head on that task's rows. Tasks' heads may differ in shape (2 labels, 6 labels, one
+regression output); outputs are zero-padded to the widest head in the call and the store slices each row back.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from peft.utils import _get_submodules
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from ..heads import MeanPooledSequenceClassifier, uses_mean_pooling
+from ..layer import BitFitLayer
+from ..routing import current_mixed_batch
+from .adapters import AdapterError
+
+HEAD_NAMES = ("pre_classifier", "classifier", "score")
+_PLACEHOLDER = "_serving"
+
+
+def build_base(base: str, generator: bool, dtype: torch.dtype, device: str) -> nn.Module:
+    """Load the base model for serving, frozen, in eval mode."""
+    model: nn.Module
+    if generator:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    elif uses_mean_pooling(base):  # sentence-transformers checkpoints: the GLUE example trains a mean-pooling head
+        model = MeanPooledSequenceClassifier.from_pretrained(base, num_labels=1, dtype=dtype)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=1, ignore_mismatched_sizes=True, dtype=dtype
+        )
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def wrap_layers(model: nn.Module, keys: list[str]) -> dict[str, BitFitLayer]:
+    """A `BitFitLayer` without adapters on each module in `keys` (already wrapped ones are kept); all of them."""
+    for key in keys:
+        module = model.get_submodule(key)
+        if isinstance(module, BitFitLayer):
+            continue
+        parent, _, name = _get_submodules(model, key)
+        layer = BitFitLayer(module, _PLACEHOLDER)
+        del layer.bitfit_delta[_PLACEHOLDER]
+        layer._active_adapter = []
+        layer._grad_on = set()
+        setattr(parent, name, layer)
+    return {k: m for k, m in model.named_modules() if isinstance(m, BitFitLayer)}
+
+
+class TaskHeads(nn.Module):
+    """Routes each row of a mixed call through its task's head; outside a mixed call, the base head.
+
+    Args:
+        original (`nn.Module`): the base model's head module.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mixed = current_mixed_batch()
+        if mixed is None:
+            return self.original(x, *args, **kwargs)
+        heads = mixed.routing.heads.get(self, {})
+        n = x.shape[0]
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(mixed.names_for(n)):
+            groups.setdefault(name, []).append(i)
+        parts = []
+        for name, rows in groups.items():
+            index = torch.tensor(rows, device=x.device)
+
+            def take(t: Any, index: torch.Tensor = index) -> Any:
+                return t.index_select(0, index) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
+
+            module = heads.get(name, self.original)
+            parts.append((index, module(take(x), *(take(a) for a in args), **{k: take(v) for k, v in kwargs.items()})))
+        width = max(y.shape[-1] for _, y in parts)
+        out = parts[0][1].new_zeros((n, *parts[0][1].shape[1:-1], width))
+        for index, y in parts:
+            out.index_copy_(0, index, nn.functional.pad(y, (0, width - y.shape[-1])))
+        return out
+
+
+def wrap_heads(model: nn.Module) -> dict[str, TaskHeads]:
+    """Replace each top-level task-head module with a `TaskHeads` router; name -> router."""
+    routers: dict[str, TaskHeads] = {}
+    for name in HEAD_NAMES:
+        module = getattr(model, name, None)
+        if isinstance(module, TaskHeads):
+            routers[name] = module
+        elif isinstance(module, nn.Module):
+            routers[name] = TaskHeads(module)
+            setattr(model, name, routers[name])
+    return routers
+
+
+def task_head(router: TaskHeads, name: str, state: dict[str, torch.Tensor], where: str) -> tuple[nn.Module, int]:
+    """A copy of the base head holding an adapter's head parameters (`state`: path below the head -> tensor), and
+    its number of outputs (rows of its last weight matrix in module order: the task's labels).
+
+    The last layer may have any number of outputs; every input size must match the base's.
+    """
+    head = copy.deepcopy(router.original)
+    expected = dict(head.named_parameters())
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(
+            f"{where}: its head {name!r} has parameters {sorted(state)} but the base model's head has "
+            f"{sorted(expected)}; train the adapter on this base model's architecture (and pooling)."
+        )
+    for path, value in state.items():
+        base = expected[path]
+        if value.dim() == 2 and value.shape[1] != base.shape[1]:
+            raise AdapterError(
+                f"{where}: head parameter {name}.{path} takes {value.shape[1]} inputs but this base gives "
+                f"{base.shape[1]}; the adapter was trained on another base model."
+            )
+        owner_path, _, leaf = path.rpartition(".")
+        owner = head.get_submodule(owner_path) if owner_path else head
+        setattr(owner, leaf, nn.Parameter(value.to(base.device, base.dtype), requires_grad=False))
+    weights = [state[p] for p in expected if state[p].dim() == 2]
+    if not weights:
+        raise AdapterError(f"{where}: its head {name!r} has no weight matrix; it cannot be served.")
+    return head.eval(), int(weights[-1].shape[0])

@@ -1,0 +1,440 @@
+"""`TaskStore`: many BitFit tasks served on one frozen base model, in mixed batches, safe under concurrency.
+
+Open a base model and a directory of adapters (`<root>/<task>/adapter_config.json + adapter_model.safetensors`);
+each adapter's deltas are written straight into packed per-layer tables (no peft injection per adapter), each
+task's head is kept beside them, and `predict` / `generate` run one mixed forward over requests for any tasks.
+
+Concurrency contract: `predict`, `generate`, `tasks` and `task` may be called from any number of threads at once;
+`load` (add or hotswap) and `unload` may be called while they run. A change waits for the calls in flight and the
+calls that come after wait for it (`routing.RWLock`, writer-preferring), so every call sees each task entirely as
+it was before or after a change, never a mix of layers. Nothing switches global adapter state per request.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+
+from ..config import BitFitConfig
+from ..constants import BASE
+from ..layer_types import bias_shape
+from ..router import install_token_hook
+from ..routing import MixedBatch, Routing, RWLock, mixed_batch
+from ..targets import select_targets
+from .adapters import AdapterError, AdapterFile, UnknownTaskError, read_adapter, scan
+from .model import HEAD_NAMES, build_base, task_head, wrap_heads, wrap_layers
+from .tables import Tables
+
+__all__ = ["GenerationRequest", "Prediction", "TaskInfo", "TaskStore"]
+
+Inputs = str | tuple[str, str] | list[str]
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a served task is (see `TaskStore.tasks`)."""
+
+    name: str
+    problem: str  # "single_label_classification" | "multi_label_classification" | "regression" | "generation"
+    labels: list[str]
+    bias_terms: list[str] | None
+    size_bytes: int
+    params: int
+    path: str
+    loaded_at: float
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One prediction: the label and its probabilities (classification) or the value (regression)."""
+
+    task: str
+    label: str | None
+    scores: dict[str, float]
+    score: float | None
+    logits: list[float]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation request with its own parameters."""
+
+    task: str
+    prompt: str
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+class TaskStore:
+    """Many BitFit tasks on one base model. Build it with `TaskStore.open`.
+
+    Example:
+
+    >>> store = TaskStore.open("models/minilm", "adapters/")  # doctest: +SKIP
+    >>> store.predict([("sst2", "a gripping film"), ("trec", "Who wrote Hamlet?")])  # doctest: +SKIP
+    """
+
+    def __init__(self, base: str, model: nn.Module, tokenizer: Any, generator: bool, max_length: int) -> None:
+        self.base_name = base
+        self.model = model
+        self.tokenizer = tokenizer
+        self.kind = "generator" if generator else "classifier"
+        self.max_length = max_length
+        self.lock = RWLock()
+        self.routing = Routing(slots={})
+        self.refused: dict[str, str] = {}
+        self._info: dict[str, TaskInfo] = {}
+        self._heads = wrap_heads(model) if not generator else {}
+        self._tables: Tables | None = None
+        self._selections: dict[str, dict[str, list[int] | None]] = {}
+        self._config = model.config.to_dict()  # type: ignore[union-attr,operator]
+        install_token_hook(model)
+
+    # ------------------------------------------------------------------ opening and loading
+    @classmethod
+    def open(
+        cls,
+        base: str,
+        adapters: str | None = None,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_length: int = 128,
+        generator: bool | None = None,
+    ) -> TaskStore:
+        """Load `base` once and every adapter under `adapters`; adapters that cannot be served are listed in
+        `refused` (name -> reason) and the rest are served.
+
+        Args:
+            base (`str`): local directory or hub id of the base model (with its tokenizer).
+            adapters (`str`, *optional*): directory of `<task>/` adapter folders.
+            dtype (`str`): `float32`, `bfloat16` or `float16`.
+            device (`str`): where the model runs.
+            max_length (`int`): longest input in tokens; longer inputs are truncated.
+            generator (`bool`, *optional*): serve `generate` (a causal LM) instead of task heads; default: decided
+                by the adapters' `task_type` (`CAUSAL_LM`) or the base's architecture.
+        """
+        files, refused = _read_dir(adapters)
+        if generator is None:
+            types = {f.config.get("task_type") for f in files}
+            archs = getattr(AutoConfig.from_pretrained(base), "architectures", None) or []
+            generator = "CAUSAL_LM" in types or (
+                not types and any(a.endswith(("CausalLM", "LMHeadModel")) for a in archs)
+            )
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise ValueError(f"Invalid dtype {dtype!r}: use float32, bfloat16 or float16.")
+        model = build_base(base, generator, torch_dtype, device)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        if generator:
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        store = cls(base, model, tokenizer, generator, max_length)
+        store.refused = refused
+        store._load_many(files)
+        return store
+
+    def load_dir(self, adapters: str) -> list[str]:
+        """Bulk-load every `<adapters>/<task>/` adapter (one table write per adapter, no peft injection); returns
+        the tasks loaded. Adapters that cannot be served are added to `refused` and skipped."""
+        files, refused = _read_dir(adapters)
+        self.refused.update(refused)
+        self._load_many(files)
+        return [f.name for f in files if f.name in self._info]
+
+    def _prepare(self, adapter: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module], TaskInfo]:
+        """Check an adapter against this base and turn it into full-width rows and head modules (no state change
+        except wrapping newly targeted layers, which is inert for the tasks already served)."""
+        where = f"adapter {adapter.name!r} ({adapter.path})"
+        task_type = adapter.config.get("task_type")
+        if (self.kind == "generator") != (task_type == "CAUSAL_LM"):
+            raise AdapterError(
+                f"{where}: task_type {task_type!r} does not fit this {self.kind} server "
+                f"({'CAUSAL_LM' if self.kind == 'generator' else 'SEQ_CLS'} expected)."
+            )
+        selection = self._selection(adapter, where)
+        missing, unexpected = (
+            sorted(set(selection) - set(adapter.deltas)),
+            sorted(set(adapter.deltas) - set(selection)),
+        )
+        if missing or unexpected:
+            raise AdapterError(
+                f"{where}: its deltas do not match the modules its config targets on this base (missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}); it was trained on another base model or architecture."
+            )
+        rows: dict[str, torch.Tensor] = {}
+        for key, delta in adapter.deltas.items():
+            shape, positions = bias_shape(self.model.get_submodule(key)), selection[key]
+            want = (len(positions),) if positions is not None else shape
+            if tuple(delta.shape) != tuple(want):
+                raise AdapterError(
+                    f"{where}: delta of {key} has shape {tuple(delta.shape)}, this base needs {tuple(want)}; the "
+                    "adapter was trained on another base model."
+                )
+            if positions is not None:
+                delta = delta.new_zeros(shape).index_add(0, torch.tensor(positions), delta)
+            rows[key] = delta
+        heads, width = self._task_heads(adapter, where)
+        config = adapter.config
+        problem = (
+            "generation"
+            if self.kind == "generator"
+            else config.get("problem_type") or ("regression" if width == 1 else "single_label_classification")
+        )
+        labels: list[str] = []
+        if problem not in ("regression", "generation"):
+            labels = list(config.get("labels") or [f"LABEL_{i}" for i in range(width)])
+        if labels and len(labels) != width:
+            raise AdapterError(f"{where}: {len(labels)} label names for a head with {width} outputs.")
+        info = TaskInfo(
+            name=adapter.name,
+            problem=problem,
+            labels=labels,
+            bias_terms=sorted(config["bias_terms"]) if config.get("bias_terms") else None,
+            size_bytes=adapter.size_bytes,
+            params=adapter.params,
+            path=os.path.abspath(adapter.path),
+            loaded_at=time.time(),
+            fingerprint=config.get("base_fingerprint"),
+        )
+        return rows, heads, info
+
+    def _selection(self, adapter: AdapterFile, where: str) -> dict[str, list[int] | None]:
+        key = adapter.selection_key()
+        if key not in self._selections:
+            fields = {k: v for k, v in adapter.config.items() if k in BitFitConfig.__dataclass_fields__}
+            fields.pop("peft_type", None)
+            try:
+                self._selections[key] = select_targets(self.model, BitFitConfig(**fields), self._config)
+            except (TypeError, ValueError) as err:
+                raise AdapterError(f"{where}: its config does not fit this base model ({err}).") from None
+        return self._selections[key]
+
+    def _task_heads(self, adapter: AdapterFile, where: str) -> tuple[dict[str, nn.Module], int]:
+        if self.kind == "generator":
+            if adapter.head:
+                raise AdapterError(
+                    f"{where}: a generation adapter with saved modules {sorted(adapter.head)[:3]} "
+                    "cannot be served (only bias deltas are routed per request)."
+                )
+            return {}, 0
+        by_head: dict[str, dict[str, torch.Tensor]] = {}
+        for path, value in adapter.head.items():
+            name, _, rest = path.partition(".")
+            if name not in self._heads:
+                raise AdapterError(
+                    f"{where}: saved module {path} is not a task head of this base ({sorted(self._heads)})."
+                )
+            by_head.setdefault(name, {})[rest] = value
+        final = next((n for n in reversed(HEAD_NAMES) if n in by_head), None)
+        if final is None:
+            raise AdapterError(
+                f"{where}: no task head saved with the adapter; train it with task_type='SEQ_CLS' so the head is "
+                "saved next to the deltas."
+            )
+        modules: dict[str, nn.Module] = {}
+        width = 0
+        for name, state in by_head.items():
+            modules[name], w = task_head(self._heads[name], name, state, where)
+            if name == final:
+                width = w
+        return modules, width
+
+    def _load_many(self, files: Sequence[AdapterFile]) -> None:
+        prepared = []
+        for adapter in files:
+            try:
+                prepared.append(self._prepare(adapter))
+            except AdapterError as err:
+                self.refused[adapter.name] = str(err)
+        counts: dict[str, int] = {}
+        for rows, _, _ in prepared:
+            for key in rows:
+                counts[key] = counts.get(key, 0) + 1
+        with self.lock.write():
+            tables = self._ensure_tables(len(prepared), list(counts))
+            tables.reserve(counts)
+            for rows, heads, info in prepared:
+                self._install(tables, rows, heads, info)
+
+    def _ensure_tables(self, capacity: int, keys: Sequence[str]) -> Tables:
+        """The tables, with a BitFit layer on every module in `keys` (call under the writer lock: wrapping changes
+        the model's modules)."""
+        layers = wrap_layers(self.model, list(keys))
+        if self._tables is None:
+            dtype = next(self.model.parameters()).dtype
+            self._tables = Tables(layers, self.routing, dtype, capacity)
+        else:
+            self._tables.layers = layers
+            for key in layers:
+                self._tables.free_rows.setdefault(key, [])
+        return self._tables
+
+    def _install(
+        self, tables: Tables, rows: dict[str, torch.Tensor], heads: dict[str, nn.Module], info: TaskInfo
+    ) -> None:
+        tables.put(info.name, rows)
+        for name, router in self._heads.items():
+            per_task = self.routing.heads.setdefault(router, {})
+            if name in heads:
+                per_task[info.name] = heads[name]
+            else:
+                per_task.pop(info.name, None)
+        self._info[info.name] = info
+        self.refused.pop(info.name, None)
+
+    def load(self, name: str, path: str) -> TaskInfo:
+        """Serve the adapter in `path` as task `name`, replacing the task atomically if it exists (hotswap).
+
+        Raises:
+            AdapterError: the adapter cannot be served; the served tasks are left exactly as they were.
+        """
+        if not name or name == BASE or "/" in name:
+            raise AdapterError(f"Invalid task name {name!r}: use a non-empty name without '/', other than {BASE!r}.")
+        rows, heads, info = self._prepare(read_adapter(name, path))
+        with self.lock.write():
+            self._install(self._ensure_tables(1, list(rows)), rows, heads, info)
+        return info
+
+    def unload(self, name: str) -> None:
+        """Stop serving task `name` (waits for calls in flight)."""
+        with self.lock.write():
+            if name not in self._info:
+                raise UnknownTaskError(name, sorted(self._info))
+            assert self._tables is not None
+            self._tables.remove(name)
+            for per_task in self.routing.heads.values():
+                per_task.pop(name, None)
+            del self._info[name]
+
+    # ------------------------------------------------------------------ queries
+    def tasks(self) -> list[TaskInfo]:
+        """The served tasks, sorted by name."""
+        with self.lock.read():
+            return [self._info[n] for n in sorted(self._info)]
+
+    def task(self, name: str) -> TaskInfo:
+        with self.lock.read():
+            if name not in self._info:
+                raise UnknownTaskError(name, sorted(self._info))
+            return self._info[name]
+
+    def count_tokens(self, inputs: Inputs) -> int:
+        """Tokens of one input (a text or a text pair), special tokens included, before truncation."""
+        return len(self._encode(inputs, truncate=False)["input_ids"])
+
+    def resident_bytes(self) -> int:
+        """Bytes held for the served tasks: delta tables and task heads."""
+        heads = sum(
+            p.numel() * p.element_size()
+            for per in self.routing.heads.values()
+            for m in per.values()
+            for p in m.parameters()
+        )
+        return heads + (self._tables.nbytes() if self._tables is not None else 0)
+
+    def _encode(self, inputs: Inputs, truncate: bool = True) -> dict[str, Any]:
+        if isinstance(inputs, str):
+            pair: tuple[str, ...] = (inputs,)
+        elif isinstance(inputs, (tuple, list)) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs):
+            pair = tuple(inputs)
+        else:
+            raise ValueError(f"inputs must be a text or a pair of texts, got {inputs!r}.")
+        if not any(p.strip() for p in pair):
+            raise ValueError("inputs is empty: send a non-empty text.")
+        return self.tokenizer(*pair, truncation=truncate, max_length=self.max_length if truncate else None)
+
+    def _check_tasks(self, tasks: Sequence[str]) -> None:
+        for task in tasks:
+            if task not in self._info:
+                raise UnknownTaskError(task, sorted(self._info))
+
+    def predict(self, items: Sequence[tuple[str, Inputs]], batch_size: int = 64) -> list[Prediction]:
+        """Predict each (task, text or text pair) with its task, in one mixed forward per `batch_size` items.
+
+        Items are sorted by length so each forward pads to its own longest input; results come back in the
+        caller's order.
+        """
+        if self.kind != "classifier":
+            raise ValueError("This store serves a generator (causal LM): call generate(), not predict().")
+        encoded = [self._encode(inputs) for _, inputs in items]
+        order = sorted(range(len(items)), key=lambda i: len(encoded[i]["input_ids"]))
+        results: list[Prediction | None] = [None] * len(items)
+        with self.lock.read():
+            self._check_tasks([task for task, _ in items])
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = self.tokenizer.pad([encoded[i] for i in chunk], return_tensors="pt")
+                batch = {k: v.to(self.model.device) for k, v in batch.items()}  # type: ignore[union-attr]
+                names = [items[i][0] for i in chunk]
+                with torch.inference_mode(), mixed_batch(MixedBatch(names, self.routing)):
+                    logits = self.model(**batch).logits.float()
+                for j, i in enumerate(chunk):
+                    results[i] = self._prediction(self._info[names[j]], logits[j])
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _prediction(info: TaskInfo, row: torch.Tensor) -> Prediction:
+        if info.problem == "regression":
+            return Prediction(info.name, None, {}, float(row[0]), [float(row[0])])
+        width = len(info.labels)
+        logits = row[:width]
+        probs = logits.sigmoid() if info.problem == "multi_label_classification" else logits.softmax(-1)
+        scores = {label: float(p) for label, p in zip(info.labels, probs, strict=True)}
+        return Prediction(info.name, info.labels[int(logits.argmax())], scores, None, [float(x) for x in logits])
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        """Generate for each request with its task, one mixed `generate` per group of requests that share sampling
+        settings (each row stops at its own `max_new_tokens`). Returns the generated text only, in order."""
+        if self.kind != "generator":
+            raise ValueError("This store serves task heads (a classifier): call predict(), not generate().")
+        for r in requests:
+            if not r.prompt.strip():
+                raise ValueError("prompt is empty: send a non-empty prompt.")
+        out: list[str] = [""] * len(requests)
+        groups: dict[tuple[bool, float, float], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.do_sample, r.temperature, r.top_p), []).append(i)
+        with self.lock.read():
+            self._check_tasks([r.task for r in requests])
+            for (do_sample, temperature, top_p), idx in groups.items():
+                prompts = [requests[i].prompt for i in idx]
+                batch = self.tokenizer(
+                    prompts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
+                )
+                batch = {k: v.to(self.model.device) for k, v in batch.items()}  # type: ignore[union-attr]
+                budget = max(requests[i].max_new_tokens for i in idx)
+                sampling = (
+                    dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else {"do_sample": False}
+                )
+                names = [requests[i].task for i in idx]
+                with torch.inference_mode(), mixed_batch(MixedBatch(names, self.routing)):
+                    ids = self.model.generate(  # type: ignore[operator]
+                        **batch, max_new_tokens=budget, pad_token_id=self.tokenizer.pad_token_id, **sampling
+                    )
+                new = ids[:, batch["input_ids"].shape[1] :]
+                for j, i in enumerate(idx):
+                    out[i] = self.tokenizer.decode(new[j, : requests[i].max_new_tokens], skip_special_tokens=True)
+        return out
+
+
+def _read_dir(adapters: str | None) -> tuple[list[AdapterFile], dict[str, str]]:
+    files: list[AdapterFile] = []
+    refused: dict[str, str] = {}
+    for name, path in (scan(adapters) if adapters else {}).items():
+        try:
+            files.append(read_adapter(name, path))
+        except AdapterError as err:
+            refused[name] = str(err)
+    return files, refused
