@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -310,8 +310,8 @@ def create_app(settings: ServeSettings, store: TaskStore | None = None) -> FastA
     async def models() -> ModelList:
         store = svc.store
         tasks = store.tasks()
-        base = ModelCard(id=store.base_name, created=int(min((t.loaded_at for t in tasks), default=time.time())), root=store.base_name, parent=None, kind=store.kind)  # fmt: skip
-        cards = [ModelCard(id=t.name, created=int(t.loaded_at), root=t.path, parent=store.base_name, bitfit=_card(t)) for t in tasks]  # fmt: skip
+        base = ModelCard(id=store.base_name, created=int(min((t.loaded_at for t in tasks), default=time.time())), root=store.base_name, parent=None, kind=store.kind, bitfit=None)  # fmt: skip
+        cards = [ModelCard(id=t.name, created=int(t.loaded_at), root=t.path, parent=store.base_name, kind=None, bitfit=_card(t)) for t in tasks]  # fmt: skip
         return ModelList(data=[base, *cards])
 
     @app.get("/v1/tasks", tags=["tasks"], summary="Every loaded task.")
@@ -375,7 +375,7 @@ def create_app(settings: ServeSettings, store: TaskStore | None = None) -> FastA
     async def load(body: AdapterLoadRequest) -> AdapterResponse:
         path = svc.resolve_adapter_path(body.path)
         async with svc.admin_lock:
-            operation = "hotswap" if _known(svc, body.name) else "load"
+            operation: Literal["load", "hotswap"] = "hotswap" if _known(svc, body.name) else "load"
             started = time.perf_counter()
             try:
                 info = await asyncio.to_thread(svc.store.load, body.name, path)
