@@ -109,7 +109,6 @@ def bias_changes(model: nn.Module, adapter_name: str = "default", norm: str = "l
 
     Example:
 
-        ```py
         >>> from transformers import BertConfig, BertForSequenceClassification
         >>> from peft import get_peft_model
         >>> from bitfit_peft import BitFitConfig
@@ -118,7 +117,6 @@ def bias_changes(model: nn.Module, adapter_name: str = "default", norm: str = "l
         >>> changes = bias_changes(model)  # all zero before training
         >>> sorted({c.term for c in changes if c.layer == 0})
         ['attention_output', 'intermediate', 'key', 'layernorm', 'output', 'query', 'value']
-        ```
     """
     model_type = _model_type(model)
     modules = {_PEFT_PREFIX.sub("", n): m for n, m in model.named_modules() if isinstance(m, BitFitLayer)}

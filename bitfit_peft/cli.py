@@ -87,7 +87,7 @@ def header_bytes(path: str) -> int:
 
 # ---------------------------------------------------------------- inspect
 def change_table(state: dict[str, torch.Tensor], model_type: str | None) -> dict[str, Any]:
-    """Mean |Δb| per bias term x layer (the paper's Figure 1) from decoded deltas; unknown terms by module name."""
+    """Mean absolute delta per bias term x layer (the paper's Figure 1) from decoded deltas; unknown terms by module name."""
     deltas = {
         k.removeprefix(PEFT_PREFIX).removesuffix(".bitfit_delta"): v
         for k, v in state.items()

@@ -71,8 +71,8 @@ def encode(
     Example:
 
     >>> enc = encode({"m.bitfit_delta": torch.tensor([0.5, -1.0, 0.01])}, "int8", keep_fraction=0.7)
-    >>> decode(enc)["m.bitfit_delta"]
-    tensor([ 0.5000, -1.0000,  0.0000])
+    >>> decode(enc)["m.bitfit_delta"]  # int8 rounds 0.5 to 64/127; the smallest value is pruned
+    tensor([ 0.5039, -1.0000,  0.0000])
     """
     if save_dtype not in SAVE_DTYPES:
         raise ValueError(f"Invalid save_dtype {save_dtype!r}. Must be one of {list(SAVE_DTYPES)}.")

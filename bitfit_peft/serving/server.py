@@ -5,8 +5,8 @@ batcher's worker thread (one mixed forward per micro-batch, across tasks). The r
 is, are in docs/serving-http.md. The app reads nothing from the environment or from globals: everything comes from
 `ServeSettings` (the CLI in `bitfit_peft.serving.cli` builds them and runs uvicorn).
 
->>> app = create_app(ServeSettings(base="models/minilm", adapters="adapters"))
->>> uvicorn.run(app, host="127.0.0.1", port=8000)
+>>> app = create_app(ServeSettings(base="models/minilm", adapters="adapters"))  # doctest: +SKIP
+>>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
 """
 
 from __future__ import annotations
