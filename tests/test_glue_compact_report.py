@@ -42,9 +42,9 @@ def test_table_is_mean_and_sample_std_over_seeds(tmp_path: pathlib.Path, capsys:
     figure = tmp_path / "fig.png"
     compact_report.main(["--evals", *evals, "--retrained", str(retrained), "--figure", str(figure)])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2] == "| fp32 (peft file) | 81.00 ± 1.00 (n=3) | 50,992 |"
-    assert lines[3] == "| sparse 40% (int8) | 80.00 ± 1.00 (n=3) | 7,569–7,571 |"
-    assert lines[4] == "| sparse 40% (int8) + re-trained 1 ep lr 0.003 | 80.00 ± 0.00 (n=1) | 7,600 |"
+    assert lines[2] == "| fp32 (peft file) | 81.00 ± 1.00 (+0.00) | 50,992 |"
+    assert lines[3] == "| sparse 40% (int8) | 80.00 ± 1.00 (-1.00) | 7,569–7,571 |"
+    assert lines[4] == "| sparse 40% (int8) + re-trained 1 ep lr 0.003 | 80.00 ± 0.00 (-1.00, n=1) | 7,600 |"
     assert figure.stat().st_size > 10_000
 
 

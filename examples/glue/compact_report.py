@@ -57,7 +57,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def table(rows: dict[str, dict[str, list[tuple[float, int]]]]) -> str:
-    """Markdown: one row per form, per task the dev metric (x100, mean ± std) and the file size in bytes."""
+    """Markdown: one row per form, per task the dev metric (x100, mean ± std, and in brackets the difference of its
+    mean from the fp32 adapters' mean) and the file size in bytes."""
     tasks = [t for t in TASK_ORDER if t in rows]
     forms: list[str] = []
     for t in tasks:
@@ -72,9 +73,11 @@ def table(rows: dict[str, dict[str, list[tuple[float, int]]]]) -> str:
                 cells += ["", ""]
                 continue
             m, s = _mean_std([100 * v for v, _ in got])
+            ref, _ = _mean_std([100 * v for v, _ in rows[t]["original"]])
             sizes = sorted({b for _, b in got})
             size = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,}–{sizes[-1]:,}"
-            cells += [f"{m:.2f} ± {s:.2f} (n={len(got)})", size]
+            n = f", n={len(got)}" if len(got) != len(rows[t]["original"]) else ""
+            cells += [f"{m:.2f} ± {s:.2f} ({m - ref:+.2f}{n})", size]
         lines.append(f"| {label(form)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
