@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 TASK_ORDER = ("sst2", "trec", "stsb")
 TASK_TITLE = {"sst2": "SST-2 (accuracy)", "trec": "TREC (accuracy)", "stsb": "STS-B (Pearson)"}
@@ -90,7 +91,8 @@ def figure(rows: dict[str, dict[str, list[tuple[float, int]]]], path: str, budge
     forms: list[str] = []
     for t in tasks:
         forms += [f for f in rows[t] if f not in forms]
-    style = {f: (markers[i % len(markers)], f"C{i % 10}") for i, f in enumerate(forms)}
+    colors = plt.get_cmap("tab20").colors
+    style = {f: (markers[i % len(markers)], colors[(2 * i) % 20 + (2 * i) // 20 % 2]) for i, f in enumerate(forms)}
     for ax, t in zip(axes[0], tasks, strict=True):
         for form, got in rows[t].items():
             m, s = _mean_std([100 * v for v, _ in got])
@@ -102,6 +104,9 @@ def figure(rows: dict[str, dict[str, list[tuple[float, int]]]], path: str, budge
         if t in budget:
             ax.axvline(budget[t], color="black", lw=0.8, ls=":", label=f"{budget[t]:,} B budget")
         ax.set_xscale("log")
+        ax.set_xticks([2_000, 4_000, 8_000, 16_000, 32_000, 64_000])
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("adapter file size (bytes, log scale)")
         ax.set_ylabel("dev metric ×100 (mean ± std, 3 seeds)")
         ax.set_title(TASK_TITLE[t])
