@@ -4,7 +4,7 @@ Builds `BertForSequenceClassification` from a `BertConfig` (`bert-base`: the def
 3072; `minilm`: all-MiniLM-L6-v2's 6 x 384, intermediate 1536) with random weights, adds a BitFit adapter with
 random deltas (`init_weights=False`) on `--bias-terms` and a `--num-labels` head, and writes it with
 `bitfit_peft.compact.encode` in each form. Sizes depend on the shape, not on the values (sparse positions are
-stored as a bitmap at these keep fractions, and as gap bytes only below about 1/8).
+stored as a bitmap down to about 1/8 kept; below that as gap bytes, one more for each gap of 255 or more).
 
     python examples/glue/compact_sizes.py --preset bert-base --bias-terms query intermediate \
         --forms float32 bfloat16 int8 int8:0.5 int8:0.25 int8:0.1 int8:0.05
