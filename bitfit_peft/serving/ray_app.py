@@ -1,0 +1,235 @@
+"""Ray Serve deployment of a `TaskStore`: scale mixed-task serving out over replicas and machines.
+
+Every replica holds the base model and *all* adapters (one `TaskStore`), and `@serve.batch` gathers the requests that
+reach a replica, for any tasks, into one mixed `TaskStore.predict` per batch; Ray's proxy spreads requests over the
+replicas. Ray's `@serve.multiplexed` is deliberately not used per task: it splits batches by model id, which would
+undo mixed batching (see docs/serving-ray.md for sharding adapter sets too large for one replica).
+
+Needs the optional extra: `pip install "bitfit-peft[ray]"`.
+
+Routes, named like the FastAPI server's (`bitfit_peft.serving.server`) so clients carry over:
+`POST /v1/predict` (`{"task": ..., "inputs": ...}`; `model` and `adapter_id` are accepted for `task`),
+`GET /v1/models` and `GET /health`.
+
+>>> from ray import serve  # doctest: +SKIP
+>>> serve.run(build_app("models/minilm", "adapters/", replicas=2))  # doctest: +SKIP
+"""
+
+# No `from __future__ import annotations`: serve.ingress rewrites the route methods' signatures, and FastAPI then
+# cannot resolve string annotations (the request body would be read as a query parameter).
+import asyncio
+import os
+from typing import Any
+
+try:
+    from ray import serve
+    from ray.serve import Application
+except ImportError as err:  # pragma: no cover - only without the extra
+    raise ImportError(
+        f"bitfit_peft.serving.ray_app needs Ray Serve ({err}): install it with pip install 'bitfit-peft[ray]'."
+    ) from None
+import torch
+from fastapi import FastAPI, HTTPException
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+from .adapters import UnknownTaskError
+from .store import Prediction, TaskStore
+
+__all__ = ["AppArgs", "BitFitDeployment", "PredictRequest", "PredictResponse", "app_builder", "build_app"]
+
+Inputs = str | tuple[str, str]
+
+api = FastAPI(title="bitfit-peft on Ray Serve", description="Many BitFit tasks on one base, in mixed batches.")
+
+
+class PredictRequest(BaseModel):
+    """One input for one task: a text, or a text pair `["first", "second"]`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    task: str = Field(
+        validation_alias=AliasChoices("task", "model", "adapter_id"),
+        min_length=1,
+        max_length=128,
+        description="The task (adapter) name; `model` and `adapter_id` are accepted too.",
+    )
+    inputs: Inputs = Field(description="A text, or a pair of texts for sentence-pair tasks (truncated if too long).")
+
+    @field_validator("inputs")
+    @classmethod
+    def _not_blank(cls, inputs: Inputs) -> Inputs:
+        if not any(t.strip() for t in ([inputs] if isinstance(inputs, str) else inputs)):
+            raise ValueError("input text is empty (or only whitespace): send at least one word")
+        return inputs
+
+
+class PredictResponse(BaseModel):
+    """A prediction, and which replica and batch served it."""
+
+    task: str
+    label: str | None = Field(description="The most probable label; null for regression tasks.")
+    scores: dict[str, float] = Field(description="Probability per label; empty for regression tasks.")
+    score: float | None = Field(description="The regression value; null for classification tasks.")
+    logits: list[float]
+    replica: str = Field(description="The Ray Serve replica that answered.")
+    batch_size: int = Field(description="Requests in the mixed batch this one ran in.")
+    batch_tasks: int = Field(description="Distinct tasks in that batch (more than 1: the batch mixed tasks).")
+
+
+class AppArgs(BaseModel):
+    """Arguments of `app_builder`, for `serve run` and config files (`args:`); see `build_app`."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: str
+    adapters: str
+    replicas: int = Field(1, ge=1)
+    dtype: str = "float32"
+    max_length: int = Field(128, ge=1)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    threads: int | None = Field(None, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+
+
+Outcome = tuple[Prediction, int, int] | Exception
+
+
+@serve.deployment(name="BitFitDeployment")
+@serve.ingress(api)
+class BitFitDeployment:
+    """One replica: a `TaskStore` with the base and every adapter under `adapters`, answering mixed batches.
+
+    Args:
+        base (`str`): local directory (or hub id) of the base model with its tokenizer; every node must reach it.
+        adapters (`str`): directory of `<task>/` adapter folders, on every node.
+        dtype (`str`): `float32`, `bfloat16` or `float16`.
+        max_length (`int`): longest input in tokens; longer inputs are truncated.
+        max_batch_size (`int`): most requests in one mixed forward.
+        batch_wait_timeout_s (`float`): longest wait for a batch to fill after its first request.
+        threads (`int`, *optional*): torch intra-op threads of this replica (default: torch's choice); set it to the
+            replica's `num_cpus` so replicas on one node do not oversubscribe its cores.
+    """
+
+    def __init__(
+        self,
+        base: str,
+        adapters: str,
+        dtype: str = "float32",
+        max_length: int = 128,
+        max_batch_size: int = 32,
+        batch_wait_timeout_s: float = 0.01,
+        threads: int | None = None,
+    ) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.store = TaskStore.open(base, adapters, dtype=dtype, max_length=max_length)
+        if not self.store.tasks():
+            raise ValueError(
+                f"No adapter could be served from {adapters!r} (refused: {self.store.refused or 'none found'}); "
+                "point `adapters` at a directory of <task>/adapter_config.json folders trained on this base."
+            )
+        # serve.batch's setters (its decorator takes constants); Ray's stubs do not declare them
+        self.predict_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.replica = f"{serve.get_replica_context().replica_id.unique_id}/pid{os.getpid()}"
+
+    @api.get("/health", summary="200 while the replica serves.")
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "tasks": len(self.store.tasks()), "replica": self.replica}
+
+    @api.get("/v1/models", summary="The base and every task (vLLM's model list).")
+    def models(self) -> dict[str, Any]:
+        cards = [{"id": self.store.base_name, "object": "model", "owned_by": "bitfit-peft", "parent": None}]
+        cards += [
+            {"id": t.name, "object": "model", "owned_by": "bitfit-peft", "parent": self.store.base_name}
+            for t in self.store.tasks()
+        ]
+        return {"object": "list", "data": cards}
+
+    @api.post("/v1/predict", summary="Predict one input of one task (batched with other tasks' requests).")
+    async def predict(self, request: PredictRequest) -> PredictResponse:
+        try:
+            self.store.task(request.task)
+        except UnknownTaskError as err:
+            raise HTTPException(status_code=404, detail=str(err)) from None
+        outcome = await self.predict_batch((request.task, request.inputs))
+        if isinstance(outcome, UnknownTaskError):  # unloaded after the check above
+            raise HTTPException(status_code=404, detail=str(outcome))
+        if isinstance(outcome, ValueError):
+            raise HTTPException(status_code=422, detail=str(outcome))
+        if isinstance(outcome, Exception):
+            raise outcome
+        pred, size, tasks = outcome
+        return PredictResponse(
+            task=pred.task,
+            label=pred.label,
+            scores=pred.scores,
+            score=pred.score,
+            logits=pred.logits,
+            replica=self.replica,
+            batch_size=size,
+            batch_tasks=tasks,
+        )
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, items: list[tuple[str, Inputs]]) -> list[Outcome]:
+        """One mixed `predict` over the batch, run off the event loop so the next batch fills meanwhile. If it
+        fails, each item runs alone, so one bad request fails only itself."""
+        tasks = len({task for task, _ in items})
+        try:
+            preds = await asyncio.to_thread(self.store.predict, items)
+            return [(p, len(items), tasks) for p in preds]
+        except (UnknownTaskError, ValueError):
+            return [await self._alone(item) for item in items]
+
+    async def _alone(self, item: tuple[str, Inputs]) -> Outcome:
+        try:
+            return ((await asyncio.to_thread(self.store.predict, [item]))[0], 1, 1)
+        except (UnknownTaskError, ValueError) as err:
+            return err
+
+
+def build_app(
+    base: str,
+    adapters: str,
+    replicas: int = 1,
+    *,
+    dtype: str = "float32",
+    max_length: int = 128,
+    max_batch_size: int = 32,
+    batch_wait_timeout_s: float = 0.01,
+    threads: int | None = None,
+    num_cpus: float = 1.0,
+) -> Application:
+    """The bound application: `replicas` copies of `BitFitDeployment`, each reserving `num_cpus` CPUs; run it with
+    `serve.run(build_app(...))`. See `BitFitDeployment` for the other arguments."""
+    args = AppArgs(
+        base=base,
+        adapters=adapters,
+        replicas=replicas,
+        dtype=dtype,
+        max_length=max_length,
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_timeout_s,
+        threads=threads,
+        num_cpus=num_cpus,
+    )
+    return app_builder(args)
+
+
+def app_builder(args: AppArgs | dict[str, Any]) -> Application:
+    """The application from `AppArgs` (or the dict `serve run` and Serve config files pass, validated here): the
+    import path `bitfit_peft.serving.ray_app:app_builder` with `args: {base: ..., adapters: ...}`."""
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    # @serve.deployment made the class a serve.Deployment, which mypy cannot see
+    deployment = BitFitDeployment.options(  # type: ignore[attr-defined]
+        num_replicas=args.replicas, ray_actor_options={"num_cpus": args.num_cpus}
+    )
+    return deployment.bind(
+        args.base,
+        args.adapters,
+        dtype=args.dtype,
+        max_length=args.max_length,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        threads=args.threads,
+    )
