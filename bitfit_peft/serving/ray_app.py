@@ -18,6 +18,8 @@ Routes, named like the FastAPI server's (`bitfit_peft.serving.server`) so client
 # No `from __future__ import annotations`: serve.ingress rewrites the route methods' signatures, and FastAPI then
 # cannot resolve string annotations (the request body would be read as a query parameter).
 import asyncio
+import contextlib
+import ctypes
 import os
 from typing import Any
 
@@ -93,6 +95,15 @@ class AppArgs(BaseModel):
 Outcome = tuple[Prediction, int, int] | Exception
 
 
+# Defined before the deployment: serve.ingress pickles the class by value when it is decorated, with the globals
+# its methods use that exist at that moment.
+def _trim_heap() -> None:
+    """Hand the heap freed after loading (every adapter file was read whole before the tables were filled) back to
+    the OS, so a replica's RSS is what it holds, not its loading peak (glibc only; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @serve.deployment(name="BitFitDeployment")
 @serve.ingress(api)
 class BitFitDeployment:
@@ -128,6 +139,7 @@ class BitFitDeployment:
                 "point `adapters` at a directory of <task>/adapter_config.json folders trained on this base."
             )
         # serve.batch's setters (its decorator takes constants); Ray's stubs do not declare them
+        _trim_heap()
         self.predict_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.replica = f"{serve.get_replica_context().replica_id.unique_id}/pid{os.getpid()}"
