@@ -318,7 +318,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bitfit-peft", description="Inspect, convert and verify BitFit adapters.")
+    parser = argparse.ArgumentParser(
+        prog="bitfit-peft", description="Inspect, convert, verify and serve BitFit adapters."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="show what an adapter holds: base, bias terms, sizes, |Δb| per term x layer")
@@ -339,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("--base", required=True, help="base model directory or name")
     p.set_defaults(func=cmd_verify)
+
+    from .serving.cli import add_serve_parser  # fastapi and uvicorn are imported only when `serve` runs
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -24,13 +24,13 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 from ..config import BitFitConfig
-from ..constants import BASE
+from ..constants import BASE, PREFIX, strip_peft_prefix
 from ..layer_types import bias_shape
 from ..router import install_token_hook
 from ..routing import MixedBatch, Routing, RWLock, mixed_batch
 from ..targets import select_targets
 from .adapters import AdapterError, AdapterFile, UnknownTaskError, read_adapter, scan
-from .model import HEAD_NAMES, build_base, task_head, wrap_heads, wrap_layers
+from .model import HEAD_NAMES, build_base, mean_pooling_head, task_head, wrap_heads, wrap_layers
 from .tables import Tables
 
 __all__ = ["GenerationRequest", "Prediction", "TaskInfo", "TaskStore"]
@@ -138,7 +138,8 @@ class TaskStore:
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"Invalid dtype {dtype!r}: use float32, bfloat16 or float16.")
-        model = build_base(base, generator, torch_dtype, device)
+        heads = None if generator else _head_keys(paths)
+        model = build_base(base, generator, torch_dtype, device, mean_pooling_head(heads, base))
         tokenizer = AutoTokenizer.from_pretrained(base)
         if generator:
             tokenizer.padding_side = "left"
@@ -440,3 +441,20 @@ def _task_type(path: str) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None  # reported when the adapter itself is read
     return value if isinstance(value, str) else None
+
+
+def _head_keys(paths: dict[str, str]) -> set[str] | None:
+    """The head parameter names of the first adapter whose file header can be read (decides which head family the
+    base is built with; adapters of the other family are then refused by name), or None."""
+    for path in paths.values():
+        try:
+            with open(os.path.join(path, "adapter_model.safetensors"), "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                if length > 16 * 1024 * 1024:
+                    continue
+                header = json.loads(f.read(length))
+        except (OSError, ValueError):
+            continue  # reported when the adapter itself is read
+        if isinstance(header, dict):
+            return {strip_peft_prefix(k) for k in header if PREFIX not in k and k != "__metadata__"}
+    return None

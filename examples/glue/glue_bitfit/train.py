@@ -159,7 +159,7 @@ def setup(args: argparse.Namespace) -> tuple[Session, TrainState]:
         base = build_base_model(args.model, task.num_labels, pooling, task.is_regression)
     except OSError as err:
         raise ValueError(f"Cannot load --model '{args.model}': {str(err).splitlines()[0]}") from None
-    model, info = apply_method(base, args.method, args.bias_terms, args.lora_r)
+    model, info = apply_method(base, args.method, args.bias_terms, args.lora_r, labels=task.labels)
     trainable, total = count_parameters(model)
     train_ds = tokenize(subsample(raw["train"], args.train_size, args.seed), tokenizer, args.max_length)
     dev_ds = tokenize(subsample(raw["dev"], args.dev_size, 0), tokenizer, args.max_length)
