@@ -36,12 +36,10 @@ class MeanPoolingHead(nn.Module):
 
     Example:
 
-        ```py
         >>> import torch
         >>> head = MeanPoolingHead(hidden_size=8, num_labels=3)
         >>> head(torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])).shape
         torch.Size([2, 3])
-        ```
     """
 
     def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1) -> None:
@@ -80,7 +78,6 @@ class MeanPooledSequenceClassifier(nn.Module):
 
     Example:
 
-        ```py
         >>> from transformers import BertConfig, BertModel
         >>> encoder = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
         ...                                num_attention_heads=2, intermediate_size=32), add_pooling_layer=False)
@@ -89,7 +86,6 @@ class MeanPooledSequenceClassifier(nn.Module):
         torch.Size([1, 2])
         >>> sorted(name for name, _ in model.named_children())
         ['bert', 'classifier']
-        ```
     """
 
     def __init__(

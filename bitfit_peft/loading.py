@@ -126,9 +126,9 @@ def hotswap_adapter(model: nn.Module, model_id: str | dict[str, torch.Tensor], a
     """Replace the values of a loaded adapter in place, keeping the same Parameter objects.
 
     The swap is atomic for mixed-adapter calls running in other threads: it waits for the calls in flight, and
-    every later call sees only the new values. Because the Parameters (and their shapes) stay the same, a `torch.compile`d model does not recompile, and
-    optimizers or mixed-batch tables that hold them see the new values. Everything is checked before the first
-    write: on error the model is unchanged.
+    every later call sees only the new values. Because the Parameters (and their shapes) stay the same, a model
+    compiled with `torch.compile` does not recompile, and optimizers or mixed-batch tables that hold them see the
+    new values. Everything is checked before the first write: on error the model is unchanged.
 
     Args:
         model (`PeftModel`): a model with a BitFit adapter `adapter_name`.

@@ -1,4 +1,4 @@
-"""`BitFitModel`: the peft tuner that injects `BitFitLayer`s, routes mixed-task batches and checks checkpoints.
+"""`BitFitModel`: the peft tuner that injects `BitFitLayer` modules, routes mixed-task batches, checks checkpoints.
 
 `BaseTuner` does injection, freezing, set/delete adapter and merge dispatch; this class adds what is BitFit's own:
 target selection by bias term (`targets.select_targets`), mixed batches (`adapter_names=[...]`), half-precision
@@ -44,7 +44,7 @@ class BitFitModel(BaseTuner):
     ...     num_attention_heads=2, intermediate_size=16, vocab_size=20))
     >>> model = get_peft_model(base, bitfit_peft.BitFitConfig(bias_terms=["query"]))
     >>> model.get_nb_trainable_parameters()
-    (8, 7972)
+    (8, 4968)
     """
 
     prefix: str = PREFIX

@@ -1,4 +1,8 @@
-"""Shared fixtures for the GLUE example tests: a tiny random BERT with its tokenizer, tiny GLUE-layout data."""
+"""Shared fixtures for the GLUE example tests: a tiny random BERT with its tokenizer, tiny GLUE-layout data.
+
+The example itself is the `glue_bitfit` package (examples/glue/glue_bitfit): tests import it by name
+(`from glue_bitfit import train`); pytest's `pythonpath` (pyproject.toml) makes that the checkout's copy.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +21,6 @@ POSITIVE = ["good", "great", "fine", "nice", "happy", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "dull", "boring"]
 FILLER = ["the", "a", "movie", "film", "plot", "was", "is", "very", "quite", "story", "actor", "scene"]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-if str(EXAMPLE_DIR) not in sys.path:
-    sys.path.insert(0, str(EXAMPLE_DIR))
 
 
 def make_tiny_model(

@@ -13,9 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)
 
-import report  # noqa: E402  (examples/glue, on sys.path through glue_helpers)
-import reproduce  # noqa: E402
-import train  # noqa: E402
+from glue_bitfit import report, reproduce, train  # noqa: E402
 
 
 def test_grid_report_renders_table_and_figures(tmp_path: pathlib.Path) -> None:

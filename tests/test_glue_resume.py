@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)
 
-import train  # noqa: E402
+from glue_bitfit import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,12 @@ def _argv(tiny: dict[str, str], out: pathlib.Path, method: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _checkpoint_numbers(out: pathlib.Path) -> list[int]:
+    names = [p.name for p in (out / "checkpoints").iterdir()]
+    assert all(re.fullmatch(r"checkpoint_\d+", n) for n in names), names
+    return sorted(int(n.split("_")[1]) for n in names)
+
+
 @pytest.mark.parametrize(
     "method,stop_after",
     [("bitfit", 5), ("bitfit", 4), ("full", 3)],
@@ -46,8 +53,14 @@ def test_resume_equals_uninterrupted(
     interrupted = tmp_path / "resumed"
     assert train.main([*_argv(tiny, interrupted, method), "--stop-after-steps", str(stop_after)]) == 0
     assert not (interrupted / "results.json").exists()
-    assert (interrupted / "checkpoints" / f"step_{stop_after}" / train.STATE_FILE).is_file()
+    # Accelerate's ProjectConfiguration names them checkpoint_<save count> and keeps --save-total-limit (2).
+    before = _checkpoint_numbers(interrupted)
+    assert len(before) == 2
+    latest = interrupted / "checkpoints" / f"checkpoint_{before[-1]}"
+    assert json.loads((latest / train.STATE_FILE).read_text())["completed_steps"] == stop_after
     assert train.main([*_argv(tiny, interrupted, method), "--resume-from-checkpoint", "latest"]) == 0
+    after = _checkpoint_numbers(interrupted)  # numbering continues after the resumed-from checkpoint
+    assert len(after) == 2 and after[0] > before[-1]
 
     weights = "adapter_model.safetensors" if method == "bitfit" else "trainable.safetensors"
     for sub in ("final", "."):  # last and best

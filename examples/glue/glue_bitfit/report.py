@@ -63,7 +63,7 @@ def pick(
     cell = [r for r in runs if r["task"] == task and r["_variant"] == variant and r["train_size"] == size]
     if not cell:
         return None
-    from reproduce import best_config  # the driver's rule, so the table shows the setting the other seeds reran
+    from .reproduce import best_config  # the driver's rule, so the table shows the setting the other seeds reran
 
     first_seed = min(r["seed"] for r in cell)
     config = best_config([r for r in cell if r["seed"] == first_seed], variant, task)
@@ -200,15 +200,12 @@ def plot_loss_curves(runs: list[dict[str, Any]], path: str) -> None:
 
 
 def _load_bitfit(run: dict[str, Any], model_path: str | None) -> Any:
-    import sys
-
     from peft import PeftModel
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from data import get_task
-    from modeling import build_base_model
-
     import bitfit_peft  # noqa: F401
+
+    from .modeling import build_base_model
+    from .tasks import get_task
 
     task = get_task(run["task"])
     base = build_base_model(model_path or run["model"], task.num_labels, run["pooling"], task.is_regression)

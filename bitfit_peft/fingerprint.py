@@ -1,0 +1,131 @@
+"""A cheap fingerprint of a base model, so an adapter can tell whether it is being loaded onto the model it was trained on.
+
+`fingerprint` hashes (SHA-256) the targeted base biases, the first row of each targeted layer's weight and three
+rows of the input embeddings, as float32 little-endian bytes in module-name order: a few hundred kilobytes at most,
+never the whole model, and the same value on any device or dtype that holds the same weights. It is computed on the
+base weights: BitFit layers are looked through to the layer they wrap, and merged adapters are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+# Constants shared with the core modules (the lead points these at the constants module after the restructure).
+DELTA_MARKER = "bitfit_delta"
+PEFT_PREFIX = "base_model.model."
+
+ALGORITHM = "bf1:sha256"
+HEX_CHARS = 20
+
+__all__ = ["fingerprint", "target_modules_of"]
+
+
+def target_modules_of(keys: list[str]) -> list[str]:
+    """Module paths in the base model from adapter state-dict keys (`base_model.model.x.y.bitfit_delta` -> `x.y`)."""
+    return [k.removeprefix(PEFT_PREFIX).removesuffix("." + DELTA_MARKER) for k in keys if k.endswith(DELTA_MARKER)]
+
+
+def fingerprint(model: nn.Module, target_keys: list[str] | None = None) -> str:
+    """A short, deterministic hash of the base model's weights that matter to a BitFit adapter.
+
+    Args:
+        model (`nn.Module`): the base model, or a `PeftModel` / BitFit-injected model over it (adapters unmerged).
+        target_keys (`list[str]`, *optional*): the modules the adapter targets, as module paths
+            (`bert.encoder.layer.0.attention.self.query`) or adapter keys (`base_model.model.<path>.bitfit_delta`).
+            Unset: every module with a bias in the backbone (`model.<base_model_prefix>`), which leaves out task heads
+            that are initialised at random each time the base model is built.
+
+    Returns:
+        `str`: e.g. `"bf1:sha256:3f2a..."` (20 hex characters).
+
+    Raises:
+        ValueError: a target is not in the model, or an adapter is merged into the base weights.
+
+    Example:
+
+    >>> fingerprint(nn.Sequential(nn.Embedding(4, 2), nn.Linear(2, 2)))[:11]
+    'bf1:sha256:'
+    """
+    get_base_model = getattr(model, "get_base_model", None)
+    base: nn.Module = get_base_model() if callable(get_base_model) else model
+    merged = sorted(n for n, m in base.named_modules() if isinstance(m, BaseTunerLayer) and m.merged)
+    if merged:
+        raise ValueError(
+            f"Adapters are merged into {merged[:2]}: the fingerprint must read the base weights. Call "
+            "model.unmerge_adapter() first."
+        )
+    modules = _unwrapped_modules(base)
+    if target_keys is None:
+        prefix = getattr(base, "base_model_prefix", "")
+        backbone = f"{prefix}." if prefix and isinstance(getattr(base, prefix, None), nn.Module) else ""
+        names = sorted(n for n, m in modules.items() if n.startswith(backbone) and _param(m, "bias") is not None)
+    else:
+        names = sorted(set(target_modules_of(list(target_keys)) + [k for k in target_keys if DELTA_MARKER not in k]))
+        names = [n.removeprefix(PEFT_PREFIX) for n in names]
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(
+                f"Fingerprint targets {missing[:3]} are not modules of this model: pass module paths of the base "
+                "model (as in the adapter's keys), or leave target_keys unset."
+            )
+    digest = hashlib.sha256()
+    for name in names:
+        module = modules[name]
+        _update(digest, _param(module, "bias"))
+        weight = _param(module, "weight")
+        _update(digest, None if weight is None else weight[0] if weight.dim() > 1 else weight)
+    weight = _param(_input_embeddings(base), "weight")
+    if weight is not None and weight.dim() == 2:
+        n = weight.shape[0]
+        _update(digest, weight[[0, n // 2, n - 1]])
+    return f"{ALGORITHM}:{digest.hexdigest()[:HEX_CHARS]}"
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The input embeddings of the model or of the first submodule that knows them (custom heads over a backbone)."""
+    for module in model.modules():
+        get = getattr(module, "get_input_embeddings", None)
+        if callable(get):
+            try:
+                embeddings = get()
+            except (NotImplementedError, AttributeError):
+                continue
+            if isinstance(embeddings, nn.Module):
+                return embeddings
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def _unwrapped_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> the base layer at that path, looking through tuner layers and saved-module wrappers."""
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if "base_layer" in parts or "original_module" in parts or "modules_to_save" in parts:
+            continue  # reached through their wrapper below
+        if isinstance(module, BaseTunerLayer):
+            module = module.get_base_layer()
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            module = getattr(module, "original_module", module)
+        out[name] = module
+    return out
+
+
+def _param(module: nn.Module | None, name: str) -> torch.Tensor | None:
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _update(digest: hashlib._Hash, tensor: torch.Tensor | None) -> None:
+    """Add a tensor's shape and float32 little-endian values (-0.0 as 0.0) to the hash; None adds a marker."""
+    if tensor is None:
+        digest.update(b"\x00none")
+        return
+    data = tensor.detach().to("cpu", torch.float32).contiguous() + 0.0
+    digest.update(struct.pack(f"<{data.dim() + 1}q", data.dim(), *data.shape))
+    digest.update(data.numpy().astype("<f4", copy=False).tobytes())

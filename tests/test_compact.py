@@ -1,0 +1,172 @@
+"""Compact adapter storage (`bitfit_peft.compact`): round trips per dtype and sparsity, sizes, errors, peft loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertForSequenceClassification
+
+from bitfit_peft import BitFitConfig, compact
+
+FORMS = [(d, k) for d in compact.SAVE_DTYPES for k in (None, 0.3)]
+# Largest error each dtype may add, relative to the tensor's absmax (int8: half a step of absmax / 127).
+REL_ERROR = {"float32": 0.0, "bfloat16": 2**-8, "float16": 2**-11, "int8": 0.5 / 127 + 1e-6}
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    config = BitFitConfig(task_type="SEQ_CLS", bias_terms=["query", "intermediate"], init_weights=False)
+    return get_peft_model(BertForSequenceClassification(cfg), config).eval()
+
+
+def _bert_base_state() -> dict[str, torch.Tensor]:
+    """A BERT-base-shaped b_q + b_m2 adapter with its classifier, values like a trained one."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(12):
+        for module, n in (("attention.self.query", 768), ("intermediate.dense", 3072)):
+            state[f"base_model.model.bert.encoder.layer.{i}.{module}.bitfit_delta"] = (
+                torch.randn(n, generator=g) * 0.05
+            )
+    state["base_model.model.classifier.weight"] = torch.randn(2, 768, generator=g) * 0.05
+    state["base_model.model.classifier.bias"] = torch.randn(2, generator=g) * 0.05
+    return state
+
+
+def _file_bytes(tensors: dict[str, torch.Tensor], path: str, module_order: bool = False) -> int:
+    save_file(tensors, path, metadata=compact.safetensors_metadata(tensors, module_order=module_order))
+    with open(path, "rb") as f:
+        return len(f.read())
+
+
+@pytest.mark.parametrize(("dtype", "keep"), FORMS, ids=[f"{d}-{k}" for d, k in FORMS])
+def test_round_trip_through_a_file(dtype: str, keep: float | None, tmp_path) -> None:
+    state = get_peft_model_state_dict(_model())
+    encoded = compact.encode(state, dtype, keep)
+    assert compact.is_packed(encoded) and not compact.is_packed(state)
+    path = str(tmp_path / "a.safetensors")
+    save_file(encoded, path)
+    decoded = compact.decode(load_file(path))
+    assert list(decoded) == list(state) or set(decoded) == set(state)
+    for key, value in state.items():
+        out = decoded[key]
+        assert out.dtype == torch.float32 and out.shape == value.shape
+        kept = out != 0
+        if keep is not None and key.endswith("bitfit_delta"):
+            n = value.numel()
+            assert int(kept.sum()) == max(1, round(keep * n)), key
+            threshold = value.abs().flatten().sort(descending=True).values[int(kept.sum()) - 1]
+            assert bool((value.abs()[kept] >= threshold).all()), f"{key}: kept entries are not the largest"
+        else:
+            kept = torch.ones_like(value, dtype=torch.bool)
+        bound = REL_ERROR[dtype] * float(value.abs().max())
+        assert float((out[kept] - value[kept]).abs().max()) <= bound + 1e-12, key
+
+
+def test_float32_packed_gives_the_same_outputs_as_the_original() -> None:
+    model, fresh = _model(), _model()
+    with torch.no_grad():
+        for name, param in fresh.named_parameters():
+            if "bitfit_delta" in name or "modules_to_save" in name:
+                param.zero_()  # a different adapter on the same base
+    x = torch.randint(0, 50, (3, 6))
+    state = compact.decode(compact.encode(get_peft_model_state_dict(model), "float32"))
+    assert not set_peft_model_state_dict(fresh, state).unexpected_keys
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_int8_head_scale_found_after_peft_renames_the_head_key() -> None:
+    state = get_peft_model_state_dict(_model())
+    encoded = compact.encode(state, "int8")
+    renamed = {k.replace(".classifier.", ".classifier.modules_to_save.default."): v for k, v in encoded.items()}
+    decoded = compact.decode(renamed)
+    key = "base_model.model.classifier.modules_to_save.default.weight"
+    assert torch.allclose(decoded[key], state["base_model.model.classifier.weight"], atol=1e-2)
+
+
+@pytest.mark.parametrize("keep", [0.004, 0.05, 0.5])
+def test_sparse_positions_round_trip_and_pick_the_smaller_encoding(keep: float) -> None:
+    state = {"m.bitfit_delta": torch.randn(5000, generator=torch.Generator().manual_seed(1))}
+    encoded = compact.encode(state, "float32", keep)
+    k = round(keep * 5000)
+    encoding = compact.read_layout(encoded)["sparse"]["encoding"]
+    assert encoding == ("gaps" if k < 5000 / 8 else "bitmap")
+    assert encoded[compact.POSITIONS_KEY].numel() <= 5000 / 8 + 1
+    out = compact.decode(encoded)["m.bitfit_delta"]
+    top = state["m.bitfit_delta"].abs().topk(k).indices
+    assert torch.equal(out[top], state["m.bitfit_delta"][top]) and int((out != 0).sum()) == k
+
+
+def test_dense_files_stay_within_5_percent_of_their_payload(tmp_path) -> None:
+    state = _bert_base_state()
+    for dtype in compact.SAVE_DTYPES:
+        encoded = compact.encode(state, dtype)
+        size = _file_bytes(encoded, str(tmp_path / f"{dtype}.safetensors"), module_order=True)
+        assert size <= 1.05 * compact.payload_bytes(encoded), dtype
+
+
+def test_bert_base_b_q_b_m2_fits_in_32_kb(tmp_path) -> None:
+    deltas = {k: v for k, v in _bert_base_state().items() if k.endswith("bitfit_delta")}
+    encoded = compact.encode(deltas, "int8", keep_fraction=0.5)
+    assert _file_bytes(encoded, str(tmp_path / "a.safetensors")) <= 32 * 1024
+
+
+def test_metadata_records_the_module_order() -> None:
+    state = get_peft_model_state_dict(_model())
+    meta = compact.safetensors_metadata(compact.encode(state, "bfloat16"))
+    modules = [meta["bitfit_module_prefix"] + m for m in meta["bitfit_modules"].split(",")]
+    assert modules == [
+        k.removeprefix("base_model.model.").removesuffix(".bitfit_delta") for k in state if "bitfit" in k
+    ]
+    assert meta["bitfit_dtype"] == "bfloat16" and meta["format"] == "pt"
+
+
+def test_unpacked_state_decodes_to_float32() -> None:
+    out = compact.decode({"a.bitfit_delta": torch.ones(2, dtype=torch.bfloat16)})
+    assert out["a.bitfit_delta"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"save_dtype": "int4"}, "Invalid save_dtype 'int4'"),
+        ({"keep_fraction": 0.0}, r"keep_fraction must be in \(0, 1\]"),
+        ({"keep_fraction": 1.5}, r"keep_fraction must be in \(0, 1\]"),
+    ],
+)
+def test_encode_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    args = {"save_dtype": "int8", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        compact.encode({"m.bitfit_delta": torch.ones(3)}, **args)
+
+
+def test_encode_rejects_bad_state() -> None:
+    with pytest.raises(ValueError, match="No 'bitfit_delta' tensors"):
+        compact.encode({"classifier.weight": torch.ones(2)}, "int8")
+    packed = compact.encode({"m.bitfit_delta": torch.ones(3)}, "int8")
+    with pytest.raises(ValueError, match="already packed"):
+        compact.encode(packed, "int8")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        compact.encode({"m.bitfit_delta": torch.tensor([1.0, float("nan")])}, "int8")
+
+
+def test_decode_reports_corrupt_files() -> None:
+    packed = compact.encode({"m.bitfit_delta": torch.arange(6.0)}, "int8", keep_fraction=0.5)
+    with pytest.raises(ValueError, match="bitfit_layout cannot be read|truncated"):
+        compact.decode({**packed, compact.LAYOUT_KEY: packed[compact.LAYOUT_KEY][:10]})
+    with pytest.raises(ValueError, match="holds 2 values but the layout needs 3"):
+        compact.decode({**packed, compact.PACKED_KEY: packed[compact.PACKED_KEY][:2]})
+    with pytest.raises(ValueError, match="no bitfit_positions"):
+        compact.decode({k: v for k, v in packed.items() if k != compact.POSITIONS_KEY})
+
+
+def test_gap_encoding_handles_gaps_longer_than_a_byte() -> None:
+    positions = np.array([0, 300, 301, 1000, 1999])
+    encoding, data = compact._encode_positions(positions, 2000)
+    assert encoding == "gaps"
+    assert np.array_equal(compact._decode_positions(data, "gaps", 2000), positions)

@@ -1,0 +1,84 @@
+"""The documentation works: every `>>>` example in the package runs as written, and the Sphinx site builds with
+warnings as errors.
+
+Modules are discovered with `pkgutil.walk_packages`, so a module that is added, split or renamed is covered without
+editing this file.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import io
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bitfit_peft
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+# What the docstrings may rely on: `...` for elided output, and line-wrapped output (long reprs) still matching.
+OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+
+
+def package_modules() -> list[str]:
+    """Every module of the `bitfit_peft` package, the package itself included."""
+    found = pkgutil.walk_packages(bitfit_peft.__path__, prefix=f"{bitfit_peft.__name__}.")
+    return [bitfit_peft.__name__, *sorted(info.name for info in found)]
+
+
+def package_doctests() -> list[doctest.DocTest]:
+    """The `>>>` examples of every module, one DocTest per docstring that has any (objects defined elsewhere and
+    only imported into a module are found once, in the module that defines them)."""
+    finder = doctest.DocTestFinder()
+    found = [test for name in package_modules() for test in finder.find(importlib.import_module(name))]
+    tests = [test for test in found if test.examples]
+    return sorted(tests, key=lambda test: test.name)
+
+
+DOCTESTS = package_doctests()
+
+
+def test_the_package_has_doctests_to_run() -> None:
+    # Guards the discovery itself: an empty list would make the parametrized test below vanish, not fail.
+    assert len(package_modules()) > 1, package_modules()
+    assert DOCTESTS, f"no >>> example found in {package_modules()}"
+
+
+@pytest.mark.parametrize("test", DOCTESTS, ids=[test.name for test in DOCTESTS])
+def test_docstring_example_runs_as_written(test: doctest.DocTest) -> None:
+    report = io.StringIO()
+    runner = doctest.DocTestRunner(optionflags=OPTIONFLAGS)
+    torch.manual_seed(0)  # examples that draw random tensors print the same values on every run
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = runner.run(test, out=report.write, clear_globs=True)
+    finally:
+        torch.set_num_threads(before)
+    assert result.failed == 0, f"{test.name} ({test.filename}:{test.lineno}):\n{report.getvalue()}"
+
+
+def test_sphinx_site_builds_without_warnings(tmp_path: Path) -> None:
+    pytest.importorskip("sphinx", reason="install the docs extra: pip install -e '.[docs]'")
+    pytest.importorskip("myst_parser", reason="install the docs extra: pip install -e '.[docs]'")
+    out = tmp_path / "html"
+    # A separate process: Sphinx imports the package from the checkout and changes global state (sys.path, logging).
+    build = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "-d", str(tmp_path / "doctrees")]
+        + [str(DOCS), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-6000:]
+    assert (out / "index.html").is_file()
+    assert (out / "api" / "generated" / "bitfit_peft.html").is_file()
+    # Every figure in docs/figures is on the site, not a broken <img>.
+    for figure in sorted((DOCS / "figures").glob("*.png")):
+        assert (out / "_images" / figure.name).is_file(), figure.name
