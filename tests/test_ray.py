@@ -100,12 +100,17 @@ def test_two_replicas_answer_mixed_concurrent_requests_like_the_store_alone(serv
     assert mixed, "no batch held more than one task"
 
 
-def test_unknown_task_is_404_naming_the_loaded_tasks_and_blank_input_is_422(served: tuple[str, TaskStore]) -> None:
-    url, _ = served
+def test_unknown_task_404_blank_input_422_too_long_413_unless_truncated(served: tuple[str, TaskStore]) -> None:
+    url, store = served
     status, body = _post(f"{url}/v1/predict", {"model": "nope", "inputs": "w1 w2"})
     assert status == 404 and "Unknown task 'nope'" in body["detail"] and "sent" in body["detail"]
     status, body = _post(f"{url}/v1/predict", {"task": "sent", "inputs": "  "})
     assert status == 422 and body["detail"][0]["loc"][-1] == "inputs"
+    long = text(0, n=store.max_length + 10)
+    status, body = _post(f"{url}/v1/predict", {"task": "sent", "inputs": long})
+    assert status == 413 and f"more than max_length={store.max_length}" in body["detail"]
+    status, body = _post(f"{url}/v1/predict", {"task": "sent", "inputs": long, "truncate": True})
+    assert status == 200 and body["logits"] == pytest.approx(store.predict([("sent", long)])[0].logits, abs=1e-5)
     with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as response:
         ids = [card["id"] for card in json.loads(response.read())["data"]]
-    assert sorted(ids[1:]) == sorted(HEADS)
+    assert ids[0] == store.base_name and sorted(ids[1:]) == sorted(HEADS)

@@ -8,8 +8,9 @@ undo mixed batching (see docs/serving-ray.md for sharding adapter sets too large
 Needs the optional extra: `pip install "bitfit-peft[ray]"`.
 
 Routes, named like the FastAPI server's (`bitfit_peft.serving.server`) so clients carry over:
-`POST /v1/predict` (`{"task": ..., "inputs": ...}`; `model` and `adapter_id` are accepted for `task`),
-`GET /v1/models` and `GET /health`.
+`POST /v1/predict` (the server's `PredictRequest`: `{"task": ..., "inputs": ...}`, `model` and `adapter_id` accepted
+for `task`, `"truncate": true` to cut inputs longer than `max_length` instead of a 413), `GET /v1/models` and
+`GET /health`.
 
 >>> from ray import serve  # doctest: +SKIP
 >>> serve.run(build_app("models/minilm", "adapters/", replicas=2))  # doctest: +SKIP
@@ -20,7 +21,9 @@ Routes, named like the FastAPI server's (`bitfit_peft.serving.server`) so client
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import os
+import time
 from typing import Any
 
 try:
@@ -32,47 +35,21 @@ except ImportError as err:  # pragma: no cover - only without the extra
     ) from None
 import torch
 from fastapi import FastAPI, HTTPException
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from .adapters import UnknownTaskError
+from .schemas import Inputs, ModelCard, ModelList, PredictRequest, PredictResponse, TaskCard
 from .store import Prediction, TaskStore
 
-__all__ = ["AppArgs", "BitFitDeployment", "PredictRequest", "PredictResponse", "app_builder", "build_app"]
-
-Inputs = str | tuple[str, str]
+__all__ = ["AppArgs", "BitFitDeployment", "RayPredictResponse", "app_builder", "build_app"]
 
 api = FastAPI(title="bitfit-peft on Ray Serve", description="Many BitFit tasks on one base, in mixed batches.")
 
 
-class PredictRequest(BaseModel):
-    """One input for one task: a text, or a text pair `["first", "second"]`."""
+class RayPredictResponse(PredictResponse):
+    """The HTTP server's prediction, and which replica and batch served it."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    task: str = Field(
-        validation_alias=AliasChoices("task", "model", "adapter_id"),
-        min_length=1,
-        max_length=128,
-        description="The task (adapter) name; `model` and `adapter_id` are accepted too.",
-    )
-    inputs: Inputs = Field(description="A text, or a pair of texts for sentence-pair tasks (truncated if too long).")
-
-    @field_validator("inputs")
-    @classmethod
-    def _not_blank(cls, inputs: Inputs) -> Inputs:
-        if not any(t.strip() for t in ([inputs] if isinstance(inputs, str) else inputs)):
-            raise ValueError("input text is empty (or only whitespace): send at least one word")
-        return inputs
-
-
-class PredictResponse(BaseModel):
-    """A prediction, and which replica and batch served it."""
-
-    task: str
-    label: str | None = Field(description="The most probable label; null for regression tasks.")
-    scores: dict[str, float] = Field(description="Probability per label; empty for regression tasks.")
-    score: float | None = Field(description="The regression value; null for classification tasks.")
-    logits: list[float]
-    replica: str = Field(description="The Ray Serve replica that answered.")
+    replica: str = Field(description="The Ray Serve replica that answered (its id and process id).")
     batch_size: int = Field(description="Requests in the mixed batch this one ran in.")
     batch_tasks: int = Field(description="Distinct tasks in that batch (more than 1: the batch mixed tasks).")
 
@@ -113,7 +90,8 @@ class BitFitDeployment:
         base (`str`): local directory (or hub id) of the base model with its tokenizer; every node must reach it.
         adapters (`str`): directory of `<task>/` adapter folders, on every node.
         dtype (`str`): `float32`, `bfloat16` or `float16`.
-        max_length (`int`): longest input in tokens; longer inputs are truncated.
+        max_length (`int`): longest input in tokens; longer inputs get a 413 unless the request sends
+            `"truncate": true`.
         max_batch_size (`int`): most requests in one mixed forward.
         batch_wait_timeout_s (`float`): longest wait for a batch to fill after its first request.
         threads (`int`, *optional*): torch intra-op threads of this replica (default: torch's choice); set it to the
@@ -148,21 +126,38 @@ class BitFitDeployment:
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "tasks": len(self.store.tasks()), "replica": self.replica}
 
-    @api.get("/v1/models", summary="The base and every task (vLLM's model list).")
-    def models(self) -> dict[str, Any]:
-        cards = [{"id": self.store.base_name, "object": "model", "owned_by": "bitfit-peft", "parent": None}]
-        cards += [
-            {"id": t.name, "object": "model", "owned_by": "bitfit-peft", "parent": self.store.base_name}
-            for t in self.store.tasks()
+    @api.get("/v1/models", summary="The base and every task (vLLM's model list, as the HTTP server gives it).")
+    def models(self) -> ModelList:
+        store, tasks = self.store, self.store.tasks()
+        created = int(min((t.loaded_at for t in tasks), default=time.time()))
+        base = ModelCard(
+            id=store.base_name, created=created, root=store.base_name, parent=None, kind=store.kind, bitfit=None
+        )
+        cards = [
+            ModelCard(
+                id=t.name,
+                created=int(t.loaded_at),
+                root=t.path,
+                parent=store.base_name,
+                kind=None,
+                bitfit=TaskCard(**dataclasses.asdict(t)),
+            )
+            for t in tasks
         ]
-        return {"object": "list", "data": cards}
+        return ModelList(data=[base, *cards])
 
     @api.post("/v1/predict", summary="Predict one input of one task (batched with other tasks' requests).")
-    async def predict(self, request: PredictRequest) -> PredictResponse:
+    async def predict(self, request: PredictRequest) -> RayPredictResponse:
         try:
             self.store.task(request.task)
         except UnknownTaskError as err:
             raise HTTPException(status_code=404, detail=str(err)) from None
+        if not request.truncate and (tokens := self.store.count_tokens(request.inputs)) > self.store.max_length:
+            raise HTTPException(
+                status_code=413,
+                detail=f"inputs has {tokens} tokens, more than max_length={self.store.max_length}: shorten it, or "
+                'send "truncate": true to cut it to the first tokens.',
+            )
         outcome = await self.predict_batch((request.task, request.inputs))
         if isinstance(outcome, UnknownTaskError):  # unloaded after the check above
             raise HTTPException(status_code=404, detail=str(outcome))
@@ -171,7 +166,7 @@ class BitFitDeployment:
         if isinstance(outcome, Exception):
             raise outcome
         pred, size, tasks = outcome
-        return PredictResponse(
+        return RayPredictResponse(
             task=pred.task,
             label=pred.label,
             scores=pred.scores,
