@@ -67,6 +67,7 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     threads: int | None = Field(None, ge=1)
     num_cpus: float = Field(1.0, ge=0)
+    max_ongoing_requests: int | None = Field(None, ge=1)
 
 
 Outcome = tuple[Prediction, int, int] | Exception
@@ -206,9 +207,12 @@ def build_app(
     batch_wait_timeout_s: float = 0.01,
     threads: int | None = None,
     num_cpus: float = 1.0,
+    max_ongoing_requests: int | None = None,
 ) -> Application:
-    """The bound application: `replicas` copies of `BitFitDeployment`, each reserving `num_cpus` CPUs; run it with
-    `serve.run(build_app(...))`. See `BitFitDeployment` for the other arguments."""
+    """The bound application: `replicas` copies of `BitFitDeployment`, each reserving `num_cpus` CPUs and taking up to
+    `max_ongoing_requests` requests at once (default: twice `max_batch_size`, so the next batch fills while one
+    runs; Serve's own default of 5 would cap every batch at 5). Run it with `serve.run(build_app(...))`. See
+    `BitFitDeployment` for the other arguments."""
     args = AppArgs(
         base=base,
         adapters=adapters,
@@ -219,6 +223,7 @@ def build_app(
         batch_wait_timeout_s=batch_wait_timeout_s,
         threads=threads,
         num_cpus=num_cpus,
+        max_ongoing_requests=max_ongoing_requests,
     )
     return app_builder(args)
 
@@ -229,7 +234,9 @@ def app_builder(args: AppArgs | dict[str, Any]) -> Application:
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     # @serve.deployment made the class a serve.Deployment, which mypy cannot see
     deployment = BitFitDeployment.options(  # type: ignore[attr-defined]
-        num_replicas=args.replicas, ray_actor_options={"num_cpus": args.num_cpus}
+        num_replicas=args.replicas,
+        max_ongoing_requests=args.max_ongoing_requests or 2 * args.max_batch_size,
+        ray_actor_options={"num_cpus": args.num_cpus},
     )
     return deployment.bind(
         args.base,
