@@ -84,7 +84,9 @@ def test_serve_command_and_curl_run_as_written(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    answer = json.loads(out.strip().splitlines()[0])
+    replies = [line for line in out.splitlines() if line.startswith("{")]  # uvicorn's access log shares stdout
+    assert len(replies) == 1, (out[-2000:], err[-3000:])
+    answer = json.loads(replies[0])
     shown = json.loads(re.findall(r"```\n(\{.*?\})\n```", README.read_text().split("## Serve", 1)[1], re.S)[0])
     assert answer.keys() == shown.keys() and answer["task"] == shown["task"] == "sst2-bitfit", (out, err[-2000:])
     assert answer["label"] in ("0", "1") and abs(sum(answer["scores"].values()) - 1) < 1e-5
