@@ -105,6 +105,12 @@ class BitFitModel(BaseTuner):
                 super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
             finally:
                 self.router.routing = None
+                # peft's inject_adapter ends by writing back the requires_grad flags of the parameters that existed
+                # before (earlier adapters' deltas) directly, behind each layer's record of its trainable deltas:
+                # re-read them, or set_adapter would leave an earlier adapter trainable (transformers' add_adapter).
+                for module in model.modules():
+                    if isinstance(module, BitFitLayer):
+                        module._grad_on = {n for n, p in module._delta_params().items() if p.requires_grad}
 
     def delete_adapter(self, adapter_name: str) -> None:
         with self.router.lock.write():
