@@ -1,6 +1,6 @@
 """Case: `bitfit-peft serve` under load, through a real HTTP client, against the ways to serve many tasks without it.
 
-Server processes (this module's `serve` command, uvicorn on 127.0.0.1, ephemeral ports) hold the real MiniLM:
+Server processes (`serving_servers`: uvicorn on 127.0.0.1, ephemeral ports) hold the real MiniLM:
 (a) the server over a `TaskStore` with N resident all-bias adapters (one mixed forward per micro-batch); (b) the same
 store and batcher, but each batch runs one `store.predict` per task in it (`GroupedStore`: how LoRA servers without
 heterogeneous kernels serve), as a second app in the same process; (c) peft LoRA r=8 (query, value) with a head per
@@ -22,135 +22,19 @@ import csv
 import json
 import os
 import random
-import select
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .common import Settings, fmt_bytes, target
+from .serving_servers import MAX_BATCH, MAX_WAIT_MS, ROOT, Server
 from .timing import Stats
 
-ROOT = Path(__file__).resolve().parent.parent
 FULL = dict(adapters=1000, lora=100, ks=(1, 8, 64), rounds=3, run_s=6.0, max_requests=4000, clients=64, paced_s=8.0)
 QUICK = dict(adapters=20, lora=8, ks=(1, 8), rounds=1, run_s=1.0, max_requests=300, clients=16, paced_s=1.5)
-MAX_BATCH, MAX_WAIT_MS, PACED = 32, 5.0, 0.7
+PACED = 0.7
 VARIANTS = {"a": "bitfit mixed", "b": "bitfit grouped by task", "c": "peft LoRA r=8 mixed"}
-
-
-# ---------------------------------------------------------------------------------------------------- server side
-class GroupedStore:
-    """A `TaskStore` whose `predict` runs one call per task of the batch (variant b); all else is the store's."""
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    def predict(self, items: Sequence[tuple[str, Any]], batch_size: int = 64) -> list[Any]:
-        groups: dict[str, list[int]] = {}
-        for i, (task, _) in enumerate(items):
-            groups.setdefault(task, []).append(i)
-        out: list[Any] = [None] * len(items)
-        for idx in groups.values():
-            for i, prediction in zip(idx, self._store.predict([items[i] for i in idx], batch_size), strict=True):
-                out[i] = prediction
-        return out
-
-
-class LoraStore:
-    """peft LoRA r=8 on query/value with `n` adapters (each with its own head), served like a `TaskStore`.
-
-    `predict` runs one `peft_model(**batch, adapter_names=...)` forward per call. The head is the mean-pooling head's
-    Linear, saved per adapter (`modules_to_save`), since peft mixes batches only through Linear-like wrappers.
-    """
-
-    kind = "classifier"
-    refused: dict[str, str] = {}
-
-    def __init__(self, base: str, n: int, max_length: int = 128) -> None:
-        import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoTokenizer
-
-        from bitfit_peft import MeanPooledSequenceClassifier
-        from bitfit_peft.serving import TaskInfo
-
-        def config() -> LoraConfig:
-            return LoraConfig(r=8, target_modules=["query", "value"], modules_to_save=["classifier.out_proj"],
-                              init_lora_weights=False)  # fmt: skip
-
-        torch.manual_seed(0)
-        self.base_name, self.max_length = base, max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(base)
-        self.model = get_peft_model(
-            MeanPooledSequenceClassifier.from_pretrained(base, num_labels=2), config(), "t0000"
-        )
-        for i in range(1, n):
-            self.model.add_adapter(f"t{i:04d}", config())
-        self.model.eval()
-        self._info = {name: TaskInfo(name, "single_label_classification", ["neg", "pos"], None, 0, 0, "", time.time())
-                      for name in self.model.peft_config}  # fmt: skip
-
-    def tasks(self) -> list[Any]:
-        return [self._info[n] for n in sorted(self._info)]
-
-    def task(self, name: str) -> Any:
-        from bitfit_peft.serving import UnknownTaskError
-
-        if name not in self._info:
-            raise UnknownTaskError(name, sorted(self._info))
-        return self._info[name]
-
-    def count_tokens(self, inputs: Any) -> int:
-        return len(self.tokenizer(*([inputs] if isinstance(inputs, str) else inputs))["input_ids"])
-
-    def predict(self, items: Sequence[tuple[str, Any]], batch_size: int = 64) -> list[Any]:
-        import torch
-
-        from bitfit_peft.serving import TaskStore
-
-        texts = [inputs if isinstance(inputs, str) else inputs[0] for _, inputs in items]
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        with torch.inference_mode():
-            logits = self.model(**batch, adapter_names=[task for task, _ in items]).logits.float()
-        return [TaskStore._prediction(self._info[task], row) for (task, _), row in zip(items, logits, strict=True)]
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    import torch
-    import uvicorn
-
-    from bitfit_peft.serving import TaskStore
-    from bitfit_peft.serving.server import ServeSettings, create_app
-
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    settings = ServeSettings(base=args.base, adapters=args.adapters, max_batch_size=args.max_batch_size,
-                             max_wait_ms=args.max_wait_ms, max_queue=4096)  # fmt: skip
-    if args.lora:
-        apps = {"c": create_app(settings, LoraStore(args.base, args.lora))}  # type: ignore[arg-type]
-    else:
-        store = TaskStore.open(args.base, args.adapters)
-        if store.refused:
-            raise SystemExit(f"adapters refused: {dict(list(store.refused.items())[:3])}")
-        apps = {"a": create_app(settings, store), "b": create_app(settings, GroupedStore(store))}  # type: ignore[arg-type]
-    load_s = time.perf_counter() - started
-    servers = {v: uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-               for v, app in apps.items()}  # fmt: skip
-    running = [asyncio.create_task(s.serve()) for s in servers.values()]
-    while not all(s.started for s in servers.values()):
-        if any(t.done() for t in running):
-            raise SystemExit("a server failed to start (see the log above)")
-        await asyncio.sleep(0.05)
-    ports = {v: s.servers[0].sockets[0].getsockname()[1] for v, s in servers.items()}
-    print("SERVING " + json.dumps({"ports": ports, "load_s": load_s}), flush=True)
-    await asyncio.gather(*running)
 
 
 # ---------------------------------------------------------------------------------------------------- client side
@@ -237,45 +121,6 @@ def _memory(pid: int) -> dict[str, int]:
     return {"rss": fields["Rss"], "private": fields["Private_Clean"] + fields["Private_Dirty"], "pss": fields["Pss"]}
 
 
-class _Server:
-    """A `serve` subprocess; `ports` maps its variants to their ports once it is up."""
-
-    def __init__(self, base: str, adapters: str, log: str, lora: int = 0, threads: int = 1) -> None:
-        cmd = [sys.executable, "-m", "benchmarks.case_serving", "serve", "--base", base, "--adapters", adapters,
-               "--threads", str(threads), "--max-batch-size", str(MAX_BATCH), "--max-wait-ms", str(MAX_WAIT_MS)]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-        self.log = log
-        with open(log, "w") as err:
-            self.proc = subprocess.Popen(cmd + (["--lora", str(lora)] if lora else []), cwd=ROOT, env=env,
-                                         stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
-        self.ports: dict[str, int] = {}
-        self.load_s = 0.0
-
-    def wait_ready(self, timeout: float = 600.0) -> None:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 1.0)
-            line = self.proc.stdout.readline() if ready else ""
-            if line.startswith("SERVING "):
-                info = json.loads(line[len("SERVING ") :])
-                self.ports, self.load_s = info["ports"], info["load_s"]
-                return
-            if self.proc.poll() is not None:
-                break
-        self.stop()
-        tail = Path(self.log).read_text()[-2000:]
-        raise RuntimeError(f"the benchmark server did not start within {timeout:.0f} s; its log ends:\n{tail}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 # ---------------------------------------------------------------------------------------------------- the case
 def _texts(quick: bool) -> tuple[list[str], str]:
     """SST-2 dev sentences (`$BITFIT_DATA/glue/SST-2/dev.tsv`, default `../shared/data` beside the repo); quick mode
@@ -332,18 +177,20 @@ def run(settings: Settings) -> dict[str, Any]:
         os.makedirs(one)
         _write_adapters(base, root, cfg["adapters"], settings.quick)
         os.symlink(os.path.join(root, "t0000"), os.path.join(one, "t0000"))
-        servers = {"ab": _Server(base, root, os.path.join(tmp, "ab.log"), threads=threads),
-                   "c": _Server(base, root, os.path.join(tmp, "c.log"), lora=cfg["lora"], threads=threads),
-                   "d": _Server(base, one, os.path.join(tmp, "d.log"), threads=threads)}  # fmt: skip
+        servers = {"ab": Server(base, root, os.path.join(tmp, "ab.log"), threads=threads),
+                   "c": Server(base, root, os.path.join(tmp, "c.log"), lora=cfg["lora"], threads=threads),
+                   "d": Server(base, one, os.path.join(tmp, "d.log"), threads=threads)}  # fmt: skip
         try:
             for server in servers.values():
                 server.wait_ready()
             urls = {v: f"http://127.0.0.1:{p}" for n in ("ab", "c") for v, p in servers[n].ports.items()}
             out["load_s"] = {name: s.load_s for name, s in servers.items()}
             out.update(_measure(cfg, urls, texts))
-            # (d): one process per task; warm it with batches first so its memory is a serving process's memory
+            # (d): one process per task, warmed with full batches first so its memory is a serving process's memory
             one_url = f"http://127.0.0.1:{servers['d'].ports['a']}"
-            asyncio.run(load_run(one_url, ["t0000"], texts, clients=8, seconds=10.0, max_requests=64))
+            asyncio.run(
+                load_run(one_url, ["t0000"], texts, clients=cfg["clients"], seconds=20.0, max_requests=4 * MAX_BATCH)
+            )
             out["memory"] = {name: _memory(s.proc.pid) for name, s in servers.items()}
         finally:
             for server in servers.values():
@@ -445,18 +292,5 @@ def _report(out: dict[str, Any], cfg: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="one benchmark server process (started by the case)")
-    s.add_argument("--base", required=True)
-    s.add_argument("--adapters", required=True)
-    s.add_argument("--lora", type=int, default=0, help="serve peft LoRA with this many adapters instead")
-    s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--max-batch-size", type=int, default=MAX_BATCH)
-    s.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS)
-    r = sub.add_parser("run", help="run the case alone and print its JSON")
-    r.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    if args.command == "serve":
-        asyncio.run(_serve(args))
-    else:
-        print(json.dumps(run(Settings.for_mode(args.quick)), indent=1, default=str))
+    parser.add_argument("--quick", action="store_true")
+    print(json.dumps(run(Settings.for_mode(parser.parse_args().quick)), indent=1, default=str))
