@@ -62,10 +62,10 @@ async def load_run(url: str, tasks: list[str], texts: list[str], *, clients: int
     limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0) as client:
 
-        async def one() -> None:
+        async def one(arrival: float | None = None) -> None:
             nonlocal errors
             body = {"task": rng.choice(tasks), "inputs": rng.choice(texts)}
-            t = time.perf_counter()
+            t = time.perf_counter() if arrival is None else arrival  # open loop: from the scheduled arrival
             response = await client.post("/v1/predict", json=body)
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - t)
@@ -94,7 +94,7 @@ async def load_run(url: str, tasks: list[str], texts: list[str], *, clients: int
                     dropped += 1
                     continue
                 sent += 1
-                task = asyncio.create_task(one())
+                task = asyncio.create_task(one(at))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
             await asyncio.gather(*pending)
