@@ -3,6 +3,7 @@
     bitfit-peft inspect ADAPTER [--json] [--plot FILE.png]
     bitfit-peft convert ADAPTER OUT --to float32|bfloat16|float16|int8[:KEEP]|sparse:KEEP
     bitfit-peft verify ADAPTER --base MODEL
+    bitfit-peft serve --base MODEL --adapters DIR [...]   (needs the serve extra; see bitfit_peft.serving.cli)
 
 Every failure the user can fix (missing directory, corrupt file, not a BitFit adapter, a base model that does not
 fit) is one `error: ...` line on stderr and a non-zero exit, never a traceback. New subcommands register in
@@ -25,13 +26,9 @@ from safetensors.torch import save_file
 from . import compact
 from .analysis import BiasChange, bias_changes_from_state_dicts, change_matrix, layer_index
 from .card import adapter_info, model_card
+from .constants import CONFIG_NAME, PEFT_TYPE_NAME, WEIGHTS_NAME
+from .constants import PEFT_KEY_PREFIX as PEFT_PREFIX
 from .fingerprint import fingerprint, target_modules_of
-
-# Constants shared with the core modules (the lead points these at the constants module after the restructure).
-PEFT_TYPE_NAME = "BITFIT"
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -282,7 +279,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     state = decoded(tensors)
     model = build_base(config, state, args.base)
     problems: list[str] = []
-    recorded = config.get("base_model_fingerprint")
+    recorded = config.get("base_fingerprint")
     actual = fingerprint(model, target_modules_of(list(state)))
     if recorded is None:
         print(f"fingerprint: not recorded in the adapter (base gives {actual})")
@@ -339,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("--base", required=True, help="base model directory or name")
     p.set_defaults(func=cmd_verify)
+
+    # Imported here, not at the top: the serving module pulls in nothing heavy itself, but keeping it out of the
+    # module's imports means `inspect` never depends on the serve extra (fastapi, uvicorn).
+    from .serving.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

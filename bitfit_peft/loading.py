@@ -1,13 +1,16 @@
 """Loading checks and in-place hotswap: everything that compares a checkpoint with the model it goes into.
 
 One helper each: `expected_deltas` (which delta keys an adapter has in this model), `check_against_model` (the first
-mismatch between a checkpoint and the model, before any value is written), `abort_load` (undo a failed load exactly)
-and `hotswap_adapter`.
+mismatch between a checkpoint and the model, before any value is written), `check_fingerprint` (is this the base the
+adapter was saved from), `abort_load` (undo a failed load exactly), `load_outside_peft` (transformers'
+`load_adapter`, which reads tensors by name and never calls peft's hooks) and `hotswap_adapter`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 import weakref
 from typing import Any
 
@@ -17,16 +20,21 @@ from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .constants import PEFT_KEY_PREFIX, delta_key, is_delta_key, strip_peft_prefix
-from .files import check_adapter_file
+from . import compact
+from .constants import PEFT_KEY_PREFIX, WEIGHTS_NAME, delta_key, is_delta_key, strip_peft_prefix
+from .files import check_adapter_file, current_policy, read_adapter_weights
+from .fingerprint import fingerprint, target_modules_of
 from .layer import BitFitLayer
 from .router import router_for
 
 __all__ = [
     "abort_load",
     "check_against_model",
+    "check_fingerprint",
+    "decode_for_model",
     "expected_deltas",
     "hotswap_adapter",
+    "load_outside_peft",
     "remember_requires_grad",
 ]
 
@@ -79,6 +87,87 @@ def check_against_model(model: nn.Module, adapter_name: str, remapped: dict[str,
     return None
 
 
+def decode_for_model(model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Unpack a packed checkpoint (`compact.decode`) and cast each delta to the dtype of the adapter's delta in
+    `model`; a state dict that is not packed comes back as it is (loading casts it)."""
+    if not compact.is_packed(state):
+        return state
+    decoded = compact.decode(state)
+    dtypes = {k: p.dtype for k, p in expected_deltas(model, adapter_name).items()}
+    return {k: v.to(dtypes.get(strip_peft_prefix(k), v.dtype)) if is_delta_key(k) else v for k, v in decoded.items()}
+
+
+def check_fingerprint(model: nn.Module, config: Any, delta_keys: list[str]) -> str | None:
+    """Compare the base model's fingerprint with the one the adapter recorded at save time.
+
+    Returns the mismatch message when the policy (`files.load_policy`) says raise; warns and returns None otherwise.
+    Silent when they match, when the adapter recorded none (older adapters) or when adapters are merged (the base
+    weights cannot be read then).
+    """
+    recorded = getattr(config, "base_fingerprint", None)
+    if not recorded:
+        return None
+    try:
+        actual = fingerprint(model, target_modules_of(delta_keys))
+    except ValueError:
+        return None  # merged adapters, or targets the structural check reports with a better message
+    if actual == recorded:
+        return None
+    base = getattr(config, "base_model_name_or_path", None) or "an unnamed base model"
+    message = (
+        f"This adapter was saved from {base} (base fingerprint {recorded}), but the model it is loaded onto has "
+        f"fingerprint {actual}: the weights differ, so its outputs will not be the ones it was trained for. Load it "
+        f"onto {base}, or check a base with `bitfit-peft verify ADAPTER --base MODEL`."
+    )
+    if current_policy().on_fingerprint_mismatch == "error":
+        return message
+    warnings.warn(
+        message + ' To make this an error: bitfit_peft.files.load_policy(on_fingerprint_mismatch="error").',
+        UserWarning,
+        stacklevel=2,
+    )
+    return None
+
+
+def load_outside_peft(model: nn.Module, adapter_name: str, config: Any) -> None:
+    """Load what transformers' `model.load_adapter` would miss, right after it injects the adapter.
+
+    transformers reads the weights file by key name, without peft's set_peft_model_state_dict, so our load hooks do
+    not run there. Here, at injection, the fingerprint is checked, and a packed file's deltas are decoded and
+    written (transformers then loads the task head by name and lists the deltas as missing, which they are not).
+    `config` must come from `BitFitConfig.from_pretrained` (it knows the directory); otherwise nothing happens.
+
+    Raises:
+        ValueError: the file does not fit the model, or the fingerprint differs under the "error" policy; the
+            injected adapter is removed first, so the model is as it was.
+    """
+    directory = getattr(config, "_weights_dir", None)
+    path = os.path.join(directory, WEIGHTS_NAME) if directory else None
+    if path is None or not os.path.isfile(path):
+        return
+    state = read_adapter_weights(path)
+    deltas = {k: v for k, v in state.items() if is_delta_key(k)}
+    remapped = {f"{strip_peft_prefix(k)}.{adapter_name}": v for k, v in deltas.items()}
+    problem = check_against_model(model, adapter_name, remapped) or check_fingerprint(model, config, list(deltas))
+    if problem:
+        abort_load(model, adapter_name)
+        raise ValueError(f"Cannot load the adapter in {directory}: {problem} The model was left as it was.")
+    if not compact.is_packed(_keys_of(path)):
+        return  # transformers loads a file of one tensor per key by itself
+    targets = expected_deltas(model, adapter_name)
+    with torch.no_grad():
+        for key, value in deltas.items():
+            targets[strip_peft_prefix(key)].copy_(value)
+
+
+def _keys_of(path: str) -> dict[str, Any]:
+    """The keys of a safetensors file (values None), from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return dict.fromkeys(f.keys())
+
+
 def abort_load(model: nn.Module, adapter_name: str) -> None:
     """Remove a just-injected adapter; when it was the only one, restore the original modules and flags."""
     layers = [(k, m) for k, m in model.named_modules() if isinstance(m, BitFitLayer)]
@@ -119,7 +208,7 @@ def _load_state(model_id: str | dict[str, torch.Tensor], device: torch.device | 
     from peft.utils import load_peft_weights
 
     check_adapter_file(model_id)
-    return load_peft_weights(model_id, device=str(device))
+    return load_peft_weights(model_id, device=str(device))  # decoded by the caller
 
 
 def hotswap_adapter(model: nn.Module, model_id: str | dict[str, torch.Tensor], adapter_name: str = "default") -> None:
@@ -148,7 +237,10 @@ def hotswap_adapter(model: nn.Module, model_id: str | dict[str, torch.Tensor], a
         if marker in key:
             targets[strip_peft_prefix(key.replace(marker, "."))] = param
     device = next(iter(targets.values())).device
-    state = {strip_peft_prefix(k): v for k, v in _load_state(model_id, device).items()}
+    loaded = _load_state(model_id, device)
+    if compact.is_packed(loaded):
+        loaded = {k: v.to(device) for k, v in compact.decode(loaded).items()}  # cast by copy_ below
+    state = {strip_peft_prefix(k): v for k, v in loaded.items()}
     missing = sorted(set(targets) - set(state))
     unexpected = sorted(set(state) - set(targets))
     if missing or unexpected:

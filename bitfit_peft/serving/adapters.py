@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .. import compact
 from ..constants import DELTA_ATTR, PEFT_TYPE_NAME, strip_peft_prefix
 from ..files import read_safetensors
 
@@ -110,6 +111,8 @@ def read_adapter(name: str, path: str) -> AdapterFile:
         )
     try:
         tensors, _ = read_safetensors(weights)
+        if compact.is_packed(tensors):  # int8 / sparse / packed files (save_dtype, keep_fraction)
+            tensors = compact.decode(tensors)
     except ValueError as err:
         raise AdapterError(f"{where}: {err}") from None
     adapter = AdapterFile(name=name, path=path, config=config, size_bytes=os.path.getsize(weights))
