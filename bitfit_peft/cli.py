@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -225,7 +224,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise CliError(_one_line(err)) from err
     os.makedirs(args.out, exist_ok=True)
     save_file(new, out_file, metadata=compact.safetensors_metadata(new, module_order=not args.no_module_metadata))
-    shutil.copyfile(os.path.join(args.adapter, CONFIG_NAME), os.path.join(args.out, CONFIG_NAME))
+    # The config says how the file is stored (transformers' load_adapter refuses packed ones by this field).
+    stored = {"save_dtype": dtype, "keep_fraction": keep, "packed": compact.is_packed(new)}
+    with open(os.path.join(args.out, CONFIG_NAME), "w") as f:
+        json.dump({**config, **stored}, f, indent=2, sort_keys=True)
     new_size = os.path.getsize(out_file)
     back = compact.decode(new)
     error = max((float((back[k] - v).abs().max()) for k, v in state.items() if v.numel()), default=0.0)

@@ -58,6 +58,12 @@ class BitFitConfig(PeftConfig):
         keep_fraction (`float`, *optional*):
             Store only this fraction (0 < f <= 1) of each delta, the entries largest in magnitude, as values plus
             positions; the others load as 0. E.g. `0.1` keeps the largest 10%. Combines with `save_dtype`.
+        packed (`bool`, *optional*):
+            Store the deltas as one flat tensor with their layout (`True`: the file is at most ~5% more than its
+            numbers in every dtype) or one tensor per bias (`False`: ~130 header bytes per bias). Unset: packed when
+            `save_dtype` is `"bfloat16"`, `"float16"` or `"int8"` or `keep_fraction` is set, one tensor per bias for
+            float32. `save_pretrained` records what it wrote. Packed files load through peft (`PeftModel`, `load_adapter`, `hotswap_adapter`, `AutoPeftModel*`);
+            transformers' `model.load_adapter` reads tensors by name and refuses them with an error saying so.
         base_fingerprint (`str`, *optional*):
             Filled in by `save_pretrained`: a hash of the base model's targeted biases and a few weight rows
             (`bitfit_peft.fingerprint`). Loading onto a base with another fingerprint warns, or raises inside
@@ -128,6 +134,13 @@ class BitFitConfig(PeftConfig):
             "positions; e.g. 0.1. Unset: store every value."
         },
     )
+    packed: bool | None = field(
+        default=None,
+        metadata={
+            "help": "One flat tensor of deltas (True) or one per bias (False); unset: packed for bfloat16/float16/int8 "
+            "or keep_fraction, one per bias for float32. save_pretrained records the choice."
+        },
+    )
     base_fingerprint: str | None = field(
         default=None,
         metadata={
@@ -171,6 +184,11 @@ class BitFitConfig(PeftConfig):
                 f"Invalid keep_fraction {self.keep_fraction!r}. Must be a number in (0, 1] (e.g. 0.1 keeps the largest "
                 "10% of each delta) or None to keep every value."
             )
+        if self.packed is False and (self.save_dtype == "int8" or self.keep_fraction is not None):
+            raise ValueError(
+                f"packed=False cannot store save_dtype={self.save_dtype!r} / keep_fraction={self.keep_fraction!r}: "
+                "int8 scales and sparse positions live in the packed layout. Leave packed unset (or True)."
+            )
         if self.base_fingerprint is not None and not isinstance(self.base_fingerprint, str):
             raise ValueError(f"base_fingerprint must be a string or None, got {self.base_fingerprint!r}.")
         if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
@@ -194,9 +212,6 @@ class BitFitConfig(PeftConfig):
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(path):
             check_adapter_file(path)
-            # Where the weights are, for loaders that read them by name and skip peft's hooks (transformers'
-            # load_adapter): the tuner decodes a packed file from here. Not a field, so never saved.
-            config._weights_dir = path  # type: ignore[attr-defined]
         return config  # type: ignore[return-value]
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:

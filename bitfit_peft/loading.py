@@ -2,14 +2,14 @@
 
 One helper each: `expected_deltas` (which delta keys an adapter has in this model), `check_against_model` (the first
 mismatch between a checkpoint and the model, before any value is written), `check_fingerprint` (is this the base the
-adapter was saved from), `abort_load` (undo a failed load exactly), `load_outside_peft` (transformers'
-`load_adapter`, which reads tensors by name and never calls peft's hooks) and `hotswap_adapter`.
+adapter was saved from), `abort_load` (undo a failed load exactly), the checks for adapters injected outside a
+PeftModel (transformers' `load_adapter`, which reads tensors by name and never calls peft's hooks) and
+`hotswap_adapter`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 import weakref
 from typing import Any
@@ -21,8 +21,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from . import compact
-from .constants import PEFT_KEY_PREFIX, WEIGHTS_NAME, delta_key, is_delta_key, strip_peft_prefix
-from .files import check_adapter_file, current_policy, read_adapter_weights
+from .constants import PEFT_KEY_PREFIX, delta_key, is_delta_key, strip_peft_prefix
+from .files import check_adapter_file, current_policy
 from .fingerprint import fingerprint, target_modules_of
 from .layer import BitFitLayer
 from .router import router_for
@@ -34,7 +34,8 @@ __all__ = [
     "decode_for_model",
     "expected_deltas",
     "hotswap_adapter",
-    "load_outside_peft",
+    "check_injected_fingerprint",
+    "refuse_packed_outside_peft",
     "remember_requires_grad",
 ]
 
@@ -129,43 +130,32 @@ def check_fingerprint(model: nn.Module, config: Any, delta_keys: list[str]) -> s
     return None
 
 
-def load_outside_peft(model: nn.Module, adapter_name: str, config: Any) -> None:
-    """Load what transformers' `model.load_adapter` would miss, right after it injects the adapter.
+def refuse_packed_outside_peft(config: Any) -> None:
+    """Refuse to inject an adapter whose file is packed outside peft's loaders (before anything is touched).
 
-    transformers reads the weights file by key name, without peft's set_peft_model_state_dict, so our load hooks do
-    not run there. Here, at injection, the fingerprint is checked, and a packed file's deltas are decoded and
-    written (transformers then loads the task head by name and lists the deltas as missing, which they are not).
-    `config` must come from `BitFitConfig.from_pretrained` (it knows the directory); otherwise nothing happens.
-
-    Raises:
-        ValueError: the file does not fit the model, or the fingerprint differs under the "error" policy; the
-            injected adapter is removed first, so the model is as it was.
+    transformers' `model.load_adapter` injects through peft's `inject_adapter_in_model` and then reads the weights
+    file by key name, without peft's set_peft_model_state_dict: a packed file (`bitfit_packed`, `bitfit_layout`) would
+    leave the deltas at their initial values with only a log line. The config records the layout at save time.
     """
-    directory = getattr(config, "_weights_dir", None)
-    path = os.path.join(directory, WEIGHTS_NAME) if directory else None
-    if path is None or not os.path.isfile(path):
-        return
-    state = read_adapter_weights(path)
-    deltas = {k: v for k, v in state.items() if is_delta_key(k)}
-    remapped = {f"{strip_peft_prefix(k)}.{adapter_name}": v for k, v in deltas.items()}
-    problem = check_against_model(model, adapter_name, remapped) or check_fingerprint(model, config, list(deltas))
+    if getattr(config, "packed", None):
+        raise ValueError(
+            "This BitFit adapter is stored packed (save_dtype="
+            f"{getattr(config, 'save_dtype', None)!r}, keep_fraction={getattr(config, 'keep_fraction', None)!r}): "
+            "its deltas sit in one tensor that only peft's loaders decode, and transformers' model.load_adapter "
+            "reads tensors by name. Load it with peft.PeftModel.from_pretrained(model, ADAPTER_DIR) (or "
+            "AutoPeftModel*), or write a one-tensor-per-bias copy that transformers reads: "
+            "`bitfit-peft convert ADAPTER_DIR OUT --to float32`. The model was not changed."
+        )
+
+
+def check_injected_fingerprint(model: nn.Module, adapter_name: str, config: Any) -> None:
+    """The fingerprint check of `check_fingerprint` for an adapter injected by peft's `inject_adapter_in_model`
+    (transformers' load_adapter); under the "error" policy the injection is undone and ValueError raised."""
+    keys = list(expected_deltas(model, adapter_name))
+    problem = check_fingerprint(model, config, keys)
     if problem:
         abort_load(model, adapter_name)
-        raise ValueError(f"Cannot load the adapter in {directory}: {problem} The model was left as it was.")
-    if not compact.is_packed(_keys_of(path)):
-        return  # transformers loads a file of one tensor per key by itself
-    targets = expected_deltas(model, adapter_name)
-    with torch.no_grad():
-        for key, value in deltas.items():
-            targets[strip_peft_prefix(key)].copy_(value)
-
-
-def _keys_of(path: str) -> dict[str, Any]:
-    """The keys of a safetensors file (values None), from its header alone."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return dict.fromkeys(f.keys())
+        raise ValueError(f"{problem} The model was left as it was.")
 
 
 def abort_load(model: nn.Module, adapter_name: str) -> None:

@@ -9,7 +9,6 @@ adapters, and a checkpoint check that leaves the model exactly as it was when a 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -28,8 +27,9 @@ from .loading import (
     abort_load,
     check_against_model,
     check_fingerprint,
+    check_injected_fingerprint,
     decode_for_model,
-    load_outside_peft,
+    refuse_packed_outside_peft,
     remember_requires_grad,
 )
 from .router import Router, router_for
@@ -71,11 +71,14 @@ class BitFitModel(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        # A single config (a PeftModel passes a dict) means peft's inject_adapter_in_model, which is how transformers'
+        # load_adapter injects before it reads the weights file by key name, skipping our load hooks.
+        injected_alone = isinstance(peft_config, PeftConfig)
+        if injected_alone:
+            refuse_packed_outside_peft(peft_config)
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
-        if isinstance(peft_config, PeftConfig):
-            # peft's inject_adapter_in_model (a PeftModel passes a dict): transformers' load_adapter comes this way
-            # and then reads the file by key name, skipping our load hooks.
-            load_outside_peft(self.model, adapter_name, peft_config)
+        if injected_alone:
+            check_injected_fingerprint(self.model, adapter_name, peft_config)
 
     # ------------------------------------------------------------------ injection
     def _pre_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
@@ -286,7 +289,11 @@ class BitFitModel(BaseTuner):
         first = next(iter(deltas.values()), None)
         own = str(first.dtype).removeprefix("torch.") if first is not None else "float32"
         dtype_name = save_dtype or (own if own in SAVE_DTYPES else "float32")
-        if deltas and (keep is not None or dtype_name == "int8" or _per_key_overhead(deltas, dtype_name) > 0.05):
+        packed = getattr(config, "packed", None)
+        if packed is None:  # a compact option asks for the compact layout; plain float32 stays readable by any tool
+            packed = keep is not None or save_dtype not in (None, "float32")
+            config.packed = bool(deltas) and packed  # recorded in adapter_config.json, which peft writes next
+        if deltas and packed:
             return {**others, **compact.encode(deltas, dtype_name, keep)}
         dtype = getattr(torch, dtype_name)
         return {**others, **{k: v.to(dtype) for k, v in deltas.items()}}
@@ -313,15 +320,3 @@ class BitFitModel(BaseTuner):
             abort_load(model, adapter_name)
             raise ValueError(f"{mismatch} The model was left as it was.")
         return remapped
-
-
-def _per_key_overhead(deltas: dict[str, torch.Tensor], dtype_name: str) -> float:
-    """Header bytes / payload bytes of a file holding `deltas` one tensor per key in `dtype_name` (safetensors'
-    JSON header: about 130 bytes a key). Above 5%, `save_pretrained` packs the deltas into one tensor instead."""
-    size = torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
-    header, offset = {}, 0
-    for key, value in deltas.items():
-        n = value.numel() * size
-        header[key] = {"dtype": "F32", "shape": list(value.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    return (8 + len(json.dumps(header, separators=(",", ":")))) / max(offset, 1)
