@@ -297,7 +297,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         peft_model = get_peft_model(model, peft_config)
     except (ValueError, TypeError) as err:
         raise CliError(f"the adapter config does not fit --base {args.base} ({_one_line(err)}).") from err
-    expected = get_peft_model_state_dict(peft_model)
+    expected = compact.decode(get_peft_model_state_dict(peft_model))  # keys as the adapter stores them
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]  # fmt: skip
     print(f"keys: {len(expected)} expected, {len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} shape mismatches")  # fmt: skip
