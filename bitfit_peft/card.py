@@ -188,8 +188,11 @@ def write_card(directory: str, metrics: dict[str, float] | None = None, task: st
         with open(metrics_path, "w", encoding="utf-8") as f:
             json.dump({**({"task": task} if task else {}), **metrics}, f, indent=1)
     elif os.path.isfile(metrics_path):
-        with open(metrics_path, encoding="utf-8") as f:
-            saved = json.load(f)
+        try:
+            with open(metrics_path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = {}  # a broken metrics file must not stop save_pretrained; the card just shows no metrics
         saved = saved if isinstance(saved, dict) else {}
         task = task or (saved.get("task") if isinstance(saved.get("task"), str) else None)
         metrics = {k: v for k, v in saved.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} or None
