@@ -13,6 +13,8 @@ CASE_IDS = {
     "mixed": "4. Mixed-task batches",
     "files": "5. Files, loading, hotswap",
     "scaling": "6. Scaling",
+    "store": "7. Bulk adapter loading (serving store)",
+    "serving": "8. Serving under HTTP load",
 }
 
 

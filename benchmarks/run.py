@@ -18,9 +18,27 @@ from typing import Any
 
 import torch
 
-from . import case_files, case_inference, case_memory, case_mixed, case_scaling, case_training
+from . import (
+    case_files,
+    case_inference,
+    case_memory,
+    case_mixed,
+    case_scaling,
+    case_serving,
+    case_store,
+    case_training,
+)
 from .common import MODELS, Settings, machine_info
 from .report import render
+
+
+def _store_case(settings: Settings) -> dict[str, Any]:
+    """`case_store` in the suite's shape (a title, its table with columns, no targets)."""
+    case = case_store.run(settings)
+    table = case.pop("table")
+    table["columns"] = ["loader", "time", "resident", "resident / payload"]
+    return {"title": "Bulk adapter loading (serving store)", "tables": [table], "targets": [], **case}
+
 
 CASES: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "training": case_training.run,
@@ -29,6 +47,8 @@ CASES: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "mixed": case_mixed.run,
     "files": case_files.run,
     "scaling": case_scaling.run,
+    "store": _store_case,
+    "serving": case_serving.run,
 }
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results")
 

@@ -3,9 +3,9 @@
 Importing this package registers the method with peft (peft_type ``"BITFIT"``), so `get_peft_model`,
 `PeftModel.from_pretrained`, `AutoPeftModel*` and transformers' `model.load_adapter` work with `BitFitConfig`.
 
-The modules import one way, from the bottom up: `constants` <- `layer_types`, `architectures`, `files` <- `config`,
-`targets`, `routing` <- `layer` <- `router` <- `loading` <- `model` <- `registration` <- this package
-(`heads` and `analysis` stand beside the core).
+The modules import one way, from the bottom up: `constants` <- `compact` <- `files` <- `card`, `fingerprint` (and
+`layer_types`, `architectures`) <- `config`, `targets`, `routing` <- `layer` <- `router` <- `loading` <- `model` <-
+`registration` <- this package (`heads` and `analysis` stand beside the core; `cli` and `serving` sit on top).
 """
 
 from .analysis import BiasChange, bias_changes, bias_changes_from_state_dicts, bias_deltas, change_matrix

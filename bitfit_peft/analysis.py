@@ -18,14 +18,13 @@ import torch
 from torch import nn
 
 from .architectures import classify_module
-from .constants import BIAS_TERMS
+from .constants import BIAS_TERMS, strip_peft_prefix
 from .layer import BitFitLayer
 
 __all__ = ["BiasChange", "bias_changes", "bias_changes_from_state_dicts", "bias_deltas", "change_matrix"]
 
 NORMS = ("l1", "rms")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-_PEFT_PREFIX = re.compile(r"^base_model\.model\.")
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ def bias_deltas(model: nn.Module, adapter_name: str = "default") -> dict[str, to
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, BitFitLayer) and adapter_name in module.bitfit_delta:
-            out[_PEFT_PREFIX.sub("", name)] = module.full_delta(adapter_name).detach().float().cpu()
+            out[strip_peft_prefix(name)] = module.full_delta(adapter_name).detach().float().cpu()
     if not out:
         raise ValueError(
             f"No BitFit layer with adapter '{adapter_name}' in this model. Pass a model made by get_peft_model with "
@@ -119,7 +118,7 @@ def bias_changes(model: nn.Module, adapter_name: str = "default", norm: str = "l
         ['attention_output', 'intermediate', 'key', 'layernorm', 'output', 'query', 'value']
     """
     model_type = _model_type(model)
-    modules = {_PEFT_PREFIX.sub("", n): m for n, m in model.named_modules() if isinstance(m, BitFitLayer)}
+    modules = {strip_peft_prefix(n): m for n, m in model.named_modules() if isinstance(m, BitFitLayer)}
     return [
         BiasChange(name, classify_module(model_type, name, modules[name]), layer_index(name), normalised_change(d, norm), d.numel())
         for name, d in bias_deltas(model, adapter_name).items()

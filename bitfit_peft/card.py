@@ -2,20 +2,24 @@
 
 `adapter_info` gathers the facts from an adapter's config dict and its saved tensors (packed or not); `model_card`
 renders them as Markdown with YAML front matter in the form peft and the Hub use (`library_name: peft`,
-`base_model: ...`, tags). The `bitfit-peft inspect` command reads the same `adapter_info`.
+`base_model: ...`, tags). `write_card` does both for a saved adapter directory: `BitFitConfig.save_pretrained` calls
+it, so every `model.save_pretrained` leaves a README.md beside adapter_config.json, and a training script calls it
+again with the dev metrics (kept in `eval_results.json` beside it, the file name HF's Trainer uses, so a later save
+keeps them). The `bitfit-peft inspect` command reads the same `adapter_info`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import torch
 
 from . import compact
-
-# Constants shared with the core modules (the lead points these at the constants module after the restructure).
-DELTA_MARKER = "bitfit_delta"
+from .constants import CARD_NAME, CONFIG_NAME, METRICS_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+from .constants import DELTA_ATTR as DELTA_MARKER
+from .files import read_safetensors
 
 _PIPELINE_TAGS = {
     "SEQ_CLS": "text-classification",
@@ -26,7 +30,7 @@ _PIPELINE_TAGS = {
     "FEATURE_EXTRACTION": "feature-extraction",
 }
 
-__all__ = ["adapter_info", "model_card"]
+__all__ = ["adapter_info", "model_card", "write_card"]
 
 
 def adapter_info(
@@ -69,7 +73,7 @@ def adapter_info(
     return {
         "peft_type": str(config.get("peft_type")),
         "base_model": config.get("base_model_name_or_path"),
-        "base_model_fingerprint": config.get("base_model_fingerprint"),
+        "base_model_fingerprint": config.get("base_fingerprint"),
         "task_type": config.get("task_type"),
         "bias_terms": sorted(config["bias_terms"]) if config.get("bias_terms") else None,
         "target_modules": sorted(config["target_modules"]) if isinstance(config.get("target_modules"), list) else config.get("target_modules"),
@@ -153,10 +157,60 @@ def model_card(info: dict[str, Any]) -> str:
         "model = PeftModel.from_pretrained(base_model, ADAPTER_DIR)  # base_model: the model above",
         "```",
         "",
-        "Check that it fits your base model first: `bitfit-peft verify ADAPTER_DIR --base MODEL`.",
+        "Check that it fits your base model first: `bitfit-peft verify ADAPTER_DIR --base MODEL`. Loading onto a base "
+        "whose fingerprint differs from the one above warns; inside "
+        '`bitfit_peft.files.load_policy(on_fingerprint_mismatch="error")` it raises.',
         "",
     ]
+    if info.get("peft_version"):
+        body += ["### Framework versions", "", f"- PEFT {info['peft_version']}", ""]  # the line peft itself adds
     return "\n".join(front + body)
+
+
+def write_card(directory: str, metrics: dict[str, float] | None = None, task: str | None = None) -> str:
+    """Write `directory/README.md` for the adapter saved there; return its path.
+
+    Args:
+        directory (`str`): an adapter directory (adapter_config.json and its weights file).
+        metrics (`dict[str, float]`, *optional*): dev metrics, e.g. `{"accuracy": 0.912}`. They are also written to
+            `eval_results.json` in `directory`; unset: the metrics already there (if any) are shown.
+        task (`str`, *optional*): the dataset or task the metrics are on (e.g. `"sst2"`), kept with them.
+
+    Example:
+
+    >>> write_card("out/sst2", metrics={"accuracy": 0.912}, task="sst2")  # doctest: +SKIP
+    'out/sst2/README.md'
+    """
+    with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+        config = json.load(f)
+    metrics_path = os.path.join(directory, METRICS_NAME)
+    if metrics is not None:
+        with open(metrics_path, "w", encoding="utf-8") as f:
+            json.dump({**({"task": task} if task else {}), **metrics}, f, indent=1)
+    elif os.path.isfile(metrics_path):
+        try:
+            with open(metrics_path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = {}  # a broken metrics file must not stop save_pretrained; the card just shows no metrics
+        saved = saved if isinstance(saved, dict) else {}
+        task = task or (saved.get("task") if isinstance(saved.get("task"), str) else None)
+        metrics = {k: v for k, v in saved.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} or None
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    tensors: dict[str, torch.Tensor] = {}
+    size = None
+    if os.path.isfile(weights):
+        tensors, _ = read_safetensors(weights, verify_finite=False)
+        size = os.path.getsize(weights)
+    elif os.path.isfile(os.path.join(directory, PICKLE_WEIGHTS_NAME)):  # save_pretrained(safe_serialization=False)
+        pickle_path = os.path.join(directory, PICKLE_WEIGHTS_NAME)
+        tensors = torch.load(pickle_path, map_location="cpu", weights_only=True)
+        size = os.path.getsize(pickle_path)
+    info = adapter_info(config, tensors, file_bytes=size, labels=config.get("labels"), metrics=metrics, task=task)
+    path = os.path.join(directory, CARD_NAME)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(model_card(info))
+    return path
 
 
 def _num(value: Any) -> str:

@@ -3,6 +3,7 @@
     bitfit-peft inspect ADAPTER [--json] [--plot FILE.png]
     bitfit-peft convert ADAPTER OUT --to float32|bfloat16|float16|int8[:KEEP]|sparse:KEEP
     bitfit-peft verify ADAPTER --base MODEL
+    bitfit-peft serve --base MODEL --adapters DIR [...]   (needs the serve extra; see bitfit_peft.serving.cli)
 
 Every failure the user can fix (missing directory, corrupt file, not a BitFit adapter, a base model that does not
 fit) is one `error: ...` line on stderr and a non-zero exit, never a traceback. New subcommands register in
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -25,13 +25,9 @@ from safetensors.torch import save_file
 from . import compact
 from .analysis import BiasChange, bias_changes_from_state_dicts, change_matrix, layer_index
 from .card import adapter_info, model_card
+from .constants import CONFIG_NAME, PEFT_TYPE_NAME, WEIGHTS_NAME
+from .constants import PEFT_KEY_PREFIX as PEFT_PREFIX
 from .fingerprint import fingerprint, target_modules_of
-
-# Constants shared with the core modules (the lead points these at the constants module after the restructure).
-PEFT_TYPE_NAME = "BITFIT"
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -228,7 +224,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise CliError(_one_line(err)) from err
     os.makedirs(args.out, exist_ok=True)
     save_file(new, out_file, metadata=compact.safetensors_metadata(new, module_order=not args.no_module_metadata))
-    shutil.copyfile(os.path.join(args.adapter, CONFIG_NAME), os.path.join(args.out, CONFIG_NAME))
+    # The config says how the file is stored (transformers' load_adapter refuses packed ones by this field).
+    stored = {"save_dtype": dtype, "keep_fraction": keep, "packed": compact.is_packed(new)}
+    with open(os.path.join(args.out, CONFIG_NAME), "w") as f:
+        json.dump({**config, **stored}, f, indent=2, sort_keys=True)
     new_size = os.path.getsize(out_file)
     back = compact.decode(new)
     error = max((float((back[k] - v).abs().max()) for k, v in state.items() if v.numel()), default=0.0)
@@ -282,7 +281,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     state = decoded(tensors)
     model = build_base(config, state, args.base)
     problems: list[str] = []
-    recorded = config.get("base_model_fingerprint")
+    recorded = config.get("base_fingerprint")
     actual = fingerprint(model, target_modules_of(list(state)))
     if recorded is None:
         print(f"fingerprint: not recorded in the adapter (base gives {actual})")
@@ -298,7 +297,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         peft_model = get_peft_model(model, peft_config)
     except (ValueError, TypeError) as err:
         raise CliError(f"the adapter config does not fit --base {args.base} ({_one_line(err)}).") from err
-    expected = get_peft_model_state_dict(peft_model)
+    expected = compact.decode(get_peft_model_state_dict(peft_model))  # keys as the adapter stores them
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]  # fmt: skip
     print(f"keys: {len(expected)} expected, {len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} shape mismatches")  # fmt: skip
@@ -318,7 +317,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bitfit-peft", description="Inspect, convert and verify BitFit adapters.")
+    parser = argparse.ArgumentParser(
+        prog="bitfit-peft", description="Inspect, convert, verify and serve BitFit adapters."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="show what an adapter holds: base, bias terms, sizes, |Δb| per term x layer")
@@ -339,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("--base", required=True, help="base model directory or name")
     p.set_defaults(func=cmd_verify)
+
+    # Imported here, not at the top: the serving module pulls in nothing heavy itself, but keeping it out of the
+    # module's imports means `inspect` never depends on the serve extra (fastapi, uvicorn).
+    from .serving.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

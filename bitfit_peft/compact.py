@@ -29,17 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 
-# Constants shared with the core modules (the lead points these at the constants module after the restructure).
-DELTA_MARKER = "bitfit_delta"  # the last component of every delta key in a saved state dict
-PREFIX = "bitfit_"  # peft's parameter prefix for BitFit; keys holding it belong to the method
-PEFT_PREFIX = "base_model.model."  # what PeftModel.state_dict() puts in front of the base model's keys
+from .constants import DELTA_ATTR as DELTA_MARKER  # the last component of every delta key in a saved state dict
+from .constants import KEY_PATTERN, PREFIX, SAVE_DTYPES
+from .constants import PEFT_KEY_PREFIX as PEFT_PREFIX  # what PeftModel.state_dict() puts before the base's keys
 
 FORMAT_VERSION = 1
 LAYOUT_KEY = f"{PREFIX}layout"
 PACKED_KEY = f"{PREFIX}packed"
 POSITIONS_KEY = f"{PREFIX}positions"
-SAVE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 POSITION_ENCODINGS = ("bitmap", "gaps")
+# Most delta values a layout may describe: 1 GiB of float32, far above any model's biases (Llama-70B with every
+# linear layer given a bias has about 10M). A hostile layout cannot make decode allocate more.
+MAX_VALUES = 2**28
 _GAP_ESCAPE = 255  # a gap byte of 255 means "skip 255 positions, no value here"
 _HEAD_COPY = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")  # peft's per-adapter copy of a head, renamed on load
 
@@ -160,6 +161,12 @@ def decode(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         counts = np.bincount(np.searchsorted(np.cumsum(sizes), positions, side="right"), minlength=len(sizes))
     else:
         positions, counts = None, np.array(sizes)
+    expected_dtype = torch.int8 if layout.get("dtype") == "int8" else getattr(torch, str(layout.get("dtype")), None)
+    if packed.dtype != expected_dtype:
+        raise ValueError(
+            f"Corrupt BitFit file: the layout says {layout.get('dtype')} but {PACKED_KEY} holds {packed.dtype}. "
+            "Save the adapter again."
+        )
     if packed.numel() != int(counts.sum()):
         raise ValueError(
             f"Corrupt BitFit file: {PACKED_KEY} holds {packed.numel()} values but the layout needs {int(counts.sum())}."
@@ -204,6 +211,7 @@ def read_layout(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
             f"This BitFit file uses layout version {layout.get('v')}, newer than this bitfit-peft reads "
             f"({FORMAT_VERSION}): upgrade bitfit-peft."
         )
+    _check_layout(layout)
     if layout.get("dtype") == "int8":
         n = len(layout.get("keys", []))
         heads = layout.get("heads", [])
@@ -213,6 +221,31 @@ def read_layout(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
             )
         layout["scales"], layout["head_scales"] = scales[:n], dict(zip(heads, scales[n:], strict=True))
     return layout
+
+
+def _check_layout(layout: dict[str, Any]) -> None:
+    """Refuse a layout whose keys, shapes or dtype could not have come from `encode` (crafted or corrupt)."""
+    keys, shapes = layout.get("keys"), layout.get("shapes")
+    if layout.get("dtype") not in SAVE_DTYPES:
+        raise ValueError(
+            f"Corrupt BitFit file: layout dtype {layout.get('dtype')!r} is not one of {list(SAVE_DTYPES)}."
+        )
+    if not isinstance(keys, list) or not isinstance(shapes, list) or len(keys) != len(shapes):
+        raise ValueError("Corrupt BitFit file: the layout needs as many shapes as keys. Save the adapter again.")
+    bad = [k for k in keys if not isinstance(k, str) or not KEY_PATTERN.fullmatch(k) or not k.endswith(DELTA_MARKER)]
+    if bad:
+        raise ValueError(f"Corrupt BitFit file: layout key {bad[0]!r} is not a dotted '...{DELTA_MARKER}' name.")
+    if len(set(keys)) != len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"Corrupt BitFit file: the layout lists key {twice!r} twice.")
+    if not all(isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in shapes):
+        raise ValueError("Corrupt BitFit file: a layout shape is not a list of non-negative integers.")
+    total = sum(int(np.prod(s, dtype=np.float64)) for s in shapes)
+    if total > MAX_VALUES:
+        raise ValueError(
+            f"Corrupt BitFit file: the layout claims {total:,} delta values, more than any model's biases "
+            f"(limit {MAX_VALUES:,})."
+        )
 
 
 def safetensors_metadata(tensors: dict[str, torch.Tensor], module_order: bool = True) -> dict[str, str]:

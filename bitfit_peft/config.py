@@ -1,4 +1,8 @@
-"""`BitFitConfig`: the configuration of a BitFit adapter (which biases get a delta, and how the deltas are stored)."""
+"""`BitFitConfig`: the configuration of a BitFit adapter (which biases get a delta, and how the deltas are stored).
+
+Saving it (peft does, right after writing the weights) also writes the adapter's model card (`card.write_card`) and
+the module order into a packed file's header; loading it checks the weights file before any model is touched.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from .constants import BIAS_TERMS, SAVE_DTYPES, BitFitPeftType
-from .files import check_adapter_file
+from .card import write_card
+from .constants import BIAS_TERMS, PICKLE_WEIGHTS_NAME, SAVE_DTYPES, WEIGHTS_NAME, BitFitPeftType
+from .files import check_adapter_file, write_layout_metadata
 
 
 @dataclass
@@ -46,8 +51,23 @@ class BitFitConfig(PeftConfig):
         problem_type (`str`, *optional*):
             `"regression"`, `"single_label_classification"` or `"multi_label_classification"`.
         save_dtype (`str`, *optional*):
-            Store the deltas as `"bfloat16"` or `"float16"` in the checkpoint to halve the file; they load back into
-            the training dtype. `None` or `"float32"` keeps the deltas' own dtype.
+            Store the deltas as `"bfloat16"` or `"float16"` (half the file) or `"int8"` (a quarter: symmetric absmax,
+            one float32 scale per bias vector, stored in the same file) in the checkpoint; they load back into the
+            training dtype through every peft entry point. `None` or `"float32"` keeps the deltas' own dtype. The task
+            head is never down-cast.
+        keep_fraction (`float`, *optional*):
+            Store only this fraction (0 < f <= 1) of each delta, the entries largest in magnitude, as values plus
+            positions; the others load as 0. E.g. `0.1` keeps the largest 10%. Combines with `save_dtype`.
+        packed (`bool`, *optional*):
+            Store the deltas as one flat tensor with their layout (`True`: the file is at most ~5% more than its
+            numbers in every dtype) or one tensor per bias (`False`: ~130 header bytes per bias). Unset: packed when
+            `save_dtype` is `"bfloat16"`, `"float16"` or `"int8"` or `keep_fraction` is set, one tensor per bias for
+            float32. `save_pretrained` records what it wrote. Packed files load through peft (`PeftModel`, `load_adapter`, `hotswap_adapter`, `AutoPeftModel*`);
+            transformers' `model.load_adapter` reads tensors by name and refuses them with an error saying so.
+        base_fingerprint (`str`, *optional*):
+            Filled in by `save_pretrained`: a hash of the base model's targeted biases and a few weight rows
+            (`bitfit_peft.fingerprint`). Loading onto a base with another fingerprint warns, or raises inside
+            `bitfit_peft.files.load_policy(on_fingerprint_mismatch="error")`. Adapters without one load silently.
 
     Example:
 
@@ -100,9 +120,33 @@ class BitFitConfig(PeftConfig):
         default=None,
         metadata={"help": "What the head predicts; unset: inferred from the head (1 output = regression)."},
     )
-    save_dtype: Literal["float32", "bfloat16", "float16"] | None = field(
+    save_dtype: Literal["float32", "bfloat16", "float16", "int8"] | None = field(
         default=None,
-        metadata={"help": f"Dtype of the deltas in the checkpoint, one of {list(SAVE_DTYPES)}; unset keeps theirs."},
+        metadata={
+            "help": f"Dtype of the deltas in the checkpoint, one of {list(SAVE_DTYPES)} (int8: absmax, scales in the "
+            "file); unset keeps theirs. They load back into the training dtype."
+        },
+    )
+    keep_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Store only this fraction (0 < f <= 1) of each delta, the largest in magnitude, as values and "
+            "positions; e.g. 0.1. Unset: store every value."
+        },
+    )
+    packed: bool | None = field(
+        default=None,
+        metadata={
+            "help": "One flat tensor of deltas (True) or one per bias (False); unset: packed for bfloat16/float16/int8 "
+            "or keep_fraction, one per bias for float32. save_pretrained records the choice."
+        },
+    )
+    base_fingerprint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fingerprint of the base model the adapter was saved from (filled in by save_pretrained); "
+            "loading onto another base warns or raises."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -131,6 +175,22 @@ class BitFitConfig(PeftConfig):
             )
         if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"Invalid save_dtype {self.save_dtype!r}. Must be one of {list(SAVE_DTYPES)} or None.")
+        if self.keep_fraction is not None and (
+            isinstance(self.keep_fraction, bool)
+            or not isinstance(self.keep_fraction, (int, float))
+            or not 0.0 < self.keep_fraction <= 1.0
+        ):
+            raise ValueError(
+                f"Invalid keep_fraction {self.keep_fraction!r}. Must be a number in (0, 1] (e.g. 0.1 keeps the largest "
+                "10% of each delta) or None to keep every value."
+            )
+        if self.packed is False and (self.save_dtype == "int8" or self.keep_fraction is not None):
+            raise ValueError(
+                f"packed=False cannot store save_dtype={self.save_dtype!r} / keep_fraction={self.keep_fraction!r}: "
+                "int8 scales and sparse positions live in the packed layout. Leave packed unset (or True)."
+            )
+        if self.base_fingerprint is not None and not isinstance(self.base_fingerprint, str):
+            raise ValueError(f"base_fingerprint must be a string or None, got {self.base_fingerprint!r}.")
         if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
             raise ValueError(
                 f"Invalid problem_type {self.problem_type!r}. Must be 'regression', 'single_label_classification', "
@@ -153,3 +213,12 @@ class BitFitConfig(PeftConfig):
         if os.path.isdir(path):
             check_adapter_file(path)
         return config  # type: ignore[return-value]
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write adapter_config.json; beside a weights file (peft writes it first) also the module order into a packed
+        file's header and the README.md model card (`bitfit_peft.card.write_card`)."""
+        super().save_pretrained(save_directory, **kwargs)
+        if os.path.isfile(os.path.join(save_directory, WEIGHTS_NAME)):
+            write_layout_metadata(os.path.join(save_directory, WEIGHTS_NAME))
+        if any(os.path.isfile(os.path.join(save_directory, n)) for n in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)):
+            write_card(save_directory)

@@ -1,13 +1,14 @@
 """Names every other module agrees on: the peft type, the parameter prefix, checkpoint key spellings, bias terms.
 
 This is the bottom of the package: it imports nothing from it. The import order reads one way, from here up:
-constants <- layer_types, architectures, files <- config, targets, routing <- layer <- loading, router <- model
-<- registration <- `__init__`.
+constants <- compact <- files <- card, fingerprint (layer_types, architectures beside them) <- config, targets, routing
+<- layer <- router <- loading <- model <- registration <- `__init__`; cli and serving sit on top.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 
 PEFT_TYPE_NAME = "BITFIT"
 # Parameter prefix peft filters checkpoint keys by; the per-adapter deltas live in `<module>.bitfit_delta.<name>`.
@@ -20,7 +21,16 @@ PEFT_KEY_PREFIX = "base_model.model."
 BASE = "__base__"
 # The paper's named bias subsets, with the same meaning on every supported architecture.
 BIAS_TERMS = ("query", "key", "value", "attention_output", "intermediate", "output", "layernorm")
-SAVE_DTYPES = ("float32", "bfloat16", "float16")
+# Dtypes a checkpoint may store deltas in (`BitFitConfig.save_dtype`); int8 files are always packed (`compact`).
+# A checkpoint key: dotted names of letters, digits, `_` and `-`; no `/`, `\\`, empty parts (`..`) or outer dots.
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*")
+SAVE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+# The two files of a saved adapter, as peft names them, and the model card and metrics written beside them.
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+CARD_NAME = "README.md"
+METRICS_NAME = "eval_results.json"
 
 
 class BitFitPeftType(str, enum.Enum):

@@ -5,8 +5,9 @@ anything touches a model.
 way a file can lie is refused with one clear line before any tensor is built: a header length beyond the file,
 duplicate or path-like keys, unknown dtypes, shapes that disagree with the byte ranges, overlapping or out-of-file
 ranges. Pickle files (`adapter_model.bin`) are never read unless the caller opts in, and NaN/inf values are refused
-unless allowed (`load_policy`). This module sits at the bottom of the package (config uses it): it reads files only;
-checks against a model's modules live in `loading`.
+unless allowed (`load_policy`), which also says what a base-model fingerprint mismatch does (warn or raise). Packed
+files (`compact`) are decoded here too, so a crafted layout fails as early as a crafted header. This module sits near
+the bottom of the package (config uses it): it reads files only; checks against a model's modules live in `loading`.
 """
 
 from __future__ import annotations
@@ -16,15 +17,23 @@ import contextvars
 import json
 import math
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-__all__ = ["LoadPolicy", "check_adapter_file", "load_policy", "read_safetensors"]
+from . import compact
+from .constants import KEY_PATTERN, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+
+__all__ = [
+    "LoadPolicy",
+    "check_adapter_file",
+    "current_policy",
+    "load_policy",
+    "read_adapter_weights",
+    "read_safetensors",
+]
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # an adapter header is a few KB; anything near this is not an adapter
 DTYPES: dict[str, torch.dtype] = {
@@ -39,8 +48,6 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-# Dotted names of letters, digits, `_` and `-`: no `/`, `\`, empty segments (`..`) or leading/trailing dots.
-_KEY = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*")
 
 
 @dataclass(frozen=True)
@@ -51,10 +58,13 @@ class LoadPolicy:
         allow_pickle (`bool`): read a legacy `adapter_model.bin` (pickle: can run code when loaded with an unsafe
             loader; peft reads it with `torch.load(weights_only=True)`). Only for files you trust.
         allow_nonfinite (`bool`): accept NaN/inf values.
+        on_fingerprint_mismatch (`str`): `"warn"` (default) or `"error"` when an adapter is loaded onto a base model
+            whose fingerprint differs from the one recorded at save time (`BitFitConfig.base_fingerprint`).
     """
 
     allow_pickle: bool = False
     allow_nonfinite: bool = False
+    on_fingerprint_mismatch: Literal["warn", "error"] = "warn"
 
 
 _DEFAULT_POLICY = LoadPolicy()
@@ -62,22 +72,33 @@ _POLICY: contextvars.ContextVar[LoadPolicy] = contextvars.ContextVar("bitfit_loa
 
 
 @contextlib.contextmanager
-def load_policy(allow_pickle: bool = False, allow_nonfinite: bool = False) -> Iterator[LoadPolicy]:
-    """Accept pickle files and/or non-finite values for the loads inside the block (this thread/task only).
+def load_policy(
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    on_fingerprint_mismatch: Literal["warn", "error"] = "warn",
+) -> Iterator[LoadPolicy]:
+    """Set what the loads inside the block accept (this thread/task only); see `LoadPolicy` for the options.
 
     Example:
 
     >>> from bitfit_peft.files import load_policy
-    >>> with load_policy(allow_pickle=True) as policy:
-    ...     policy.allow_pickle
-    True
+    >>> with load_policy(allow_pickle=True, on_fingerprint_mismatch="error") as policy:
+    ...     policy.allow_pickle, policy.on_fingerprint_mismatch
+    (True, 'error')
     """
-    policy = LoadPolicy(allow_pickle, allow_nonfinite)
+    if on_fingerprint_mismatch not in ("warn", "error"):
+        raise ValueError(f"on_fingerprint_mismatch must be 'warn' or 'error', got {on_fingerprint_mismatch!r}.")
+    policy = LoadPolicy(allow_pickle, allow_nonfinite, on_fingerprint_mismatch)
     token = _POLICY.set(policy)
     try:
         yield policy
     finally:
         _POLICY.reset(token)
+
+
+def current_policy() -> LoadPolicy:
+    """The `LoadPolicy` in force here (the default one outside any `load_policy` block)."""
+    return _POLICY.get()
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -130,7 +151,7 @@ def read_safetensors(path: str, verify_finite: bool | None = None) -> tuple[dict
         tensors: dict[str, torch.Tensor] = {}
         ranges = []
         for key, entry in header.items():
-            if not isinstance(key, str) or not _KEY.fullmatch(key):
+            if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
                 raise ValueError(f"key {key!r} is not a dotted parameter name (path-like or empty parts)")
             if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
                 raise ValueError(
@@ -183,24 +204,76 @@ def check_adapter_file(directory: str) -> None:
         ValueError: no weights; only a pickle file (without `load_policy(allow_pickle=True)`); or the safetensors
             file is truncated, corrupt, lies about its contents, holds NaN/inf or non-floating-point deltas.
     """
-    path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+    path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.exists(path):
-        if os.path.exists(os.path.join(directory, WEIGHTS_NAME)):
+        if os.path.exists(os.path.join(directory, PICKLE_WEIGHTS_NAME)):
             if _POLICY.get().allow_pickle:
                 return  # peft reads it with torch.load(weights_only=True)
             raise ValueError(
-                f"{directory} holds only a pickle checkpoint ({WEIGHTS_NAME}). Pickle files can run code when loaded, "
+                f"{directory} holds only a pickle checkpoint ({PICKLE_WEIGHTS_NAME}). Pickle files can run code when loaded, "
                 "so they are refused by default. Convert it with model.save_pretrained() (safetensors), or, for a "
                 "file you trust, load it inside `with bitfit_peft.files.load_policy(allow_pickle=True):`."
             )
         raise ValueError(
-            f"No adapter weights in {directory}: expected {SAFETENSORS_WEIGHTS_NAME} next to adapter_config.json "
+            f"No adapter weights in {directory}: expected {WEIGHTS_NAME} next to adapter_config.json "
             "(written by model.save_pretrained)."
         )
+    read_adapter_weights(path)
+
+
+def write_layout_metadata(path: str, limit: float = 1.05) -> None:
+    """Add the packed layout's format, dtype and module order to the header of the packed file at `path`.
+
+    peft writes `{"format": "pt"}` only; this rewrites the (small) file once so that a reader sees the module order
+    without torch. The module order is left out when it would make the file more than `limit` x its payload (tiny
+    adapters, where the names outweigh the numbers). A file that is not packed, or already has it, is left alone.
+    """
+    from safetensors.torch import save_file
+
+    tensors, metadata = read_safetensors(path, verify_finite=False)
+    if not compact.is_packed(tensors) or "bitfit_layout" in metadata:
+        return
+    tensors = {k: v.clone() for k, v in tensors.items()}  # own memory, not views of the file buffer being replaced
+    payload = compact.payload_bytes(tensors)
+    for module_order in (True, False):
+        meta = compact.safetensors_metadata(tensors, module_order=module_order)
+        save_file(tensors, path, metadata=meta)
+        if os.path.getsize(path) <= limit * payload:
+            return
+
+
+def read_adapter_weights(path: str) -> dict[str, torch.Tensor]:
+    """Read an adapter safetensors file strictly and decode it (packed or not) to float32 tensors under peft's keys.
+
+    Raises:
+        ValueError: the file fails `read_safetensors`; a tensor that is not floating point outside a packed layout; a
+            packed layout that is corrupt or crafted; NaN/inf after decoding (int8 scales live in the layout), unless
+            `load_policy(allow_nonfinite=True)`.
+    """
     tensors, _ = read_safetensors(path)
+    packed_parts = (
+        (compact.LAYOUT_KEY, compact.PACKED_KEY, compact.POSITIONS_KEY) if compact.is_packed(tensors) else ()
+    )
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point() and tensor.dtype not in (torch.int8, torch.uint8):
+        if not tensor.is_floating_point() and key not in packed_parts:
             raise ValueError(
                 f"Adapter file {path} is not a valid BitFit checkpoint: tensor {key} has dtype {tensor.dtype}, "
-                "expected floating point (or int8/uint8 for compact deltas)."
+                "expected floating point (integer tensors appear only in a packed layout: bitfit_packed, "
+                "bitfit_layout, bitfit_positions)."
             )
+    if not packed_parts:
+        return compact.decode(tensors)
+    try:
+        decoded = compact.decode(tensors)
+    except ValueError as err:
+        raise ValueError(f"Adapter file {path} is not a valid BitFit checkpoint: {err}") from None
+    if not _POLICY.get().allow_nonfinite:
+        bad = next(
+            (k for k, v in decoded.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None
+        )
+        if bad is not None:
+            raise ValueError(
+                f"Adapter file {path}: {bad} decodes to NaN or inf values (the adapter is broken; to load it anyway "
+                "use bitfit_peft.files.load_policy(allow_nonfinite=True))"
+            )
+    return decoded

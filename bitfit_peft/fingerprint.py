@@ -16,9 +16,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-# Constants shared with the core modules (the lead points these at the constants module after the restructure).
-DELTA_MARKER = "bitfit_delta"
-PEFT_PREFIX = "base_model.model."
+from .constants import DELTA_ATTR as DELTA_MARKER
+from .constants import PEFT_KEY_PREFIX as PEFT_PREFIX
 
 ALGORITHM = "bf1:sha256"
 HEX_CHARS = 20

@@ -1,13 +1,16 @@
 """Loading checks and in-place hotswap: everything that compares a checkpoint with the model it goes into.
 
 One helper each: `expected_deltas` (which delta keys an adapter has in this model), `check_against_model` (the first
-mismatch between a checkpoint and the model, before any value is written), `abort_load` (undo a failed load exactly)
-and `hotswap_adapter`.
+mismatch between a checkpoint and the model, before any value is written), `check_fingerprint` (is this the base the
+adapter was saved from), `abort_load` (undo a failed load exactly), the checks for adapters injected outside a
+PeftModel (transformers' `load_adapter`, which reads tensors by name and never calls peft's hooks) and
+`hotswap_adapter`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from typing import Any
 
@@ -17,16 +20,22 @@ from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from . import compact
 from .constants import PEFT_KEY_PREFIX, delta_key, is_delta_key, strip_peft_prefix
-from .files import check_adapter_file
+from .files import check_adapter_file, current_policy
+from .fingerprint import fingerprint, target_modules_of
 from .layer import BitFitLayer
 from .router import router_for
 
 __all__ = [
     "abort_load",
     "check_against_model",
+    "check_fingerprint",
+    "decode_for_model",
     "expected_deltas",
     "hotswap_adapter",
+    "check_injected_fingerprint",
+    "refuse_packed_outside_peft",
     "remember_requires_grad",
 ]
 
@@ -79,6 +88,76 @@ def check_against_model(model: nn.Module, adapter_name: str, remapped: dict[str,
     return None
 
 
+def decode_for_model(model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Unpack a packed checkpoint (`compact.decode`) and cast each delta to the dtype of the adapter's delta in
+    `model`; a state dict that is not packed comes back as it is (loading casts it)."""
+    if not compact.is_packed(state):
+        return state
+    decoded = compact.decode(state)
+    dtypes = {k: p.dtype for k, p in expected_deltas(model, adapter_name).items()}
+    return {k: v.to(dtypes.get(strip_peft_prefix(k), v.dtype)) if is_delta_key(k) else v for k, v in decoded.items()}
+
+
+def check_fingerprint(model: nn.Module, config: Any, delta_keys: list[str]) -> str | None:
+    """Compare the base model's fingerprint with the one the adapter recorded at save time.
+
+    Returns the mismatch message when the policy (`files.load_policy`) says raise; warns and returns None otherwise.
+    Silent when they match, when the adapter recorded none (older adapters) or when adapters are merged (the base
+    weights cannot be read then).
+    """
+    recorded = getattr(config, "base_fingerprint", None)
+    if not recorded:
+        return None
+    try:
+        actual = fingerprint(model, target_modules_of(delta_keys))
+    except ValueError:
+        return None  # merged adapters, or targets the structural check reports with a better message
+    if actual == recorded:
+        return None
+    base = getattr(config, "base_model_name_or_path", None) or "an unnamed base model"
+    message = (
+        f"This adapter was saved from {base} (base fingerprint {recorded}), but the model it is loaded onto has "
+        f"fingerprint {actual}: the weights differ, so its outputs will not be the ones it was trained for. Load it "
+        f"onto {base}, or check a base with `bitfit-peft verify ADAPTER --base MODEL`."
+    )
+    if current_policy().on_fingerprint_mismatch == "error":
+        return message
+    warnings.warn(
+        message + ' To make this an error: bitfit_peft.files.load_policy(on_fingerprint_mismatch="error").',
+        UserWarning,
+        stacklevel=2,
+    )
+    return None
+
+
+def refuse_packed_outside_peft(config: Any) -> None:
+    """Refuse to inject an adapter whose file is packed outside peft's loaders (before anything is touched).
+
+    transformers' `model.load_adapter` injects through peft's `inject_adapter_in_model` and then reads the weights
+    file by key name, without peft's set_peft_model_state_dict: a packed file (`bitfit_packed`, `bitfit_layout`) would
+    leave the deltas at their initial values with only a log line. The config records the layout at save time.
+    """
+    if getattr(config, "packed", None):
+        raise ValueError(
+            "This BitFit adapter is stored packed (save_dtype="
+            f"{getattr(config, 'save_dtype', None)!r}, keep_fraction={getattr(config, 'keep_fraction', None)!r}): "
+            "its deltas sit in one tensor that only peft's loaders decode, and transformers' model.load_adapter "
+            "reads tensors by name. Load it with peft.PeftModel.from_pretrained(model, ADAPTER_DIR) (or "
+            "AutoPeftModel*), or write a one-tensor-per-bias copy that transformers reads: "
+            "`bitfit-peft convert ADAPTER_DIR OUT --to float32`. The model was not changed."
+        )
+
+
+def check_injected_fingerprint(model: nn.Module, adapter_name: str, config: Any) -> None:
+    """The fingerprint check of `check_fingerprint` for an adapter injected by peft's `inject_adapter_in_model`
+    (transformers' load_adapter); under the "error" policy the injection is undone and ValueError raised."""
+    keys = list(expected_deltas(model, adapter_name))
+    problem = check_fingerprint(model, config, keys)
+    if problem:
+        abort_load(model, adapter_name)
+        raise ValueError(f"{problem} The model was left as it was.")
+
+
 def abort_load(model: nn.Module, adapter_name: str) -> None:
     """Remove a just-injected adapter; when it was the only one, restore the original modules and flags."""
     layers = [(k, m) for k, m in model.named_modules() if isinstance(m, BitFitLayer)]
@@ -119,7 +198,7 @@ def _load_state(model_id: str | dict[str, torch.Tensor], device: torch.device | 
     from peft.utils import load_peft_weights
 
     check_adapter_file(model_id)
-    return load_peft_weights(model_id, device=str(device))
+    return load_peft_weights(model_id, device=str(device))  # decoded by the caller
 
 
 def hotswap_adapter(model: nn.Module, model_id: str | dict[str, torch.Tensor], adapter_name: str = "default") -> None:
@@ -148,7 +227,10 @@ def hotswap_adapter(model: nn.Module, model_id: str | dict[str, torch.Tensor], a
         if marker in key:
             targets[strip_peft_prefix(key.replace(marker, "."))] = param
     device = next(iter(targets.values())).device
-    state = {strip_peft_prefix(k): v for k, v in _load_state(model_id, device).items()}
+    loaded = _load_state(model_id, device)
+    if compact.is_packed(loaded):
+        loaded = {k: v.to(device) for k, v in compact.decode(loaded).items()}  # cast by copy_ below
+    state = {strip_peft_prefix(k): v for k, v in loaded.items()}
     missing = sorted(set(targets) - set(state))
     unexpected = sorted(set(state) - set(targets))
     if missing or unexpected:

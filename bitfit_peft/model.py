@@ -1,9 +1,9 @@
 """`BitFitModel`: the peft tuner that injects `BitFitLayer` modules, routes mixed-task batches, checks checkpoints.
 
 `BaseTuner` does injection, freezing, set/delete adapter and merge dispatch; this class adds what is BitFit's own:
-target selection by bias term (`targets.select_targets`), mixed batches (`adapter_names=[...]`), half-precision
-checkpoints (`save_dtype`), weighted combinations of adapters, and a checkpoint check that leaves the model exactly as
-it was when a file does not fit it.
+target selection by bias term (`targets.select_targets`), mixed batches (`adapter_names=[...]`), compact checkpoints
+(`save_dtype`, `keep_fraction`, the packed layout of `compact`), the base-model fingerprint, weighted combinations of
+adapters, and a checkpoint check that leaves the model exactly as it was when a file does not fit it.
 """
 
 from __future__ import annotations
@@ -14,13 +14,24 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from . import compact
 from .config import BitFitConfig
-from .constants import BASE, PREFIX, is_delta_key
+from .constants import BASE, PREFIX, SAVE_DTYPES, is_delta_key
+from .fingerprint import fingerprint, target_modules_of
 from .layer import BitFitLayer
-from .loading import abort_load, check_against_model, remember_requires_grad
+from .loading import (
+    abort_load,
+    check_against_model,
+    check_fingerprint,
+    check_injected_fingerprint,
+    decode_for_model,
+    refuse_packed_outside_peft,
+    remember_requires_grad,
+)
 from .router import Router, router_for
 from .routing import MixedBatch, check_names, mixed_batch
 from .targets import select_targets
@@ -51,6 +62,23 @@ class BitFitModel(BaseTuner):
     tuner_layer_cls = BitFitLayer
     target_module_mapping: dict[str, list[str]] = {}
     _selection: dict[str, list[int] | None]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig | dict[str, PeftConfig],
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        # A single config (a PeftModel passes a dict) means peft's inject_adapter_in_model, which is how transformers'
+        # load_adapter injects before it reads the weights file by key name, skipping our load hooks.
+        injected_alone = isinstance(peft_config, PeftConfig)
+        if injected_alone:
+            refuse_packed_outside_peft(peft_config)
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        if injected_alone:
+            check_injected_fingerprint(self.model, adapter_name, peft_config)
 
     # ------------------------------------------------------------------ injection
     def _pre_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
@@ -105,6 +133,12 @@ class BitFitModel(BaseTuner):
                 super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
             finally:
                 self.router.routing = None
+                # peft's inject_adapter ends by writing back the requires_grad flags of the parameters that existed
+                # before (earlier adapters' deltas) directly, behind each layer's record of its trainable deltas:
+                # re-read them, or set_adapter would leave an earlier adapter trainable (transformers' add_adapter).
+                for module in model.modules():
+                    if isinstance(module, BitFitLayer):
+                        module._grad_on = {n for n, p in module._delta_params().items() if p.requires_grad}
 
     def delete_adapter(self, adapter_name: str) -> None:
         with self.router.lock.write():
@@ -252,15 +286,33 @@ class BitFitModel(BaseTuner):
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        dtype = getattr(torch, config.save_dtype) if getattr(config, "save_dtype", None) else None
-        if dtype is not None:
-            out = {k: v.to(dtype) if is_delta_key(k) else v for k, v in out.items()}
-        return out
+        deltas = {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in out.items() if is_delta_key(k)}
+        others = {k: v for k, v in out.items() if not is_delta_key(k)}
+        with contextlib.suppress(ValueError):  # merged adapters hide the base weights: keep the recorded fingerprint
+            config.base_fingerprint = fingerprint(model, target_modules_of(list(deltas)))
+        save_dtype, keep = getattr(config, "save_dtype", None), getattr(config, "keep_fraction", None)
+        keep = keep if keep is not None and keep < 1.0 else None
+        first = next(iter(deltas.values()), None)
+        own = str(first.dtype).removeprefix("torch.") if first is not None else "float32"
+        dtype_name = save_dtype or (own if own in SAVE_DTYPES else "float32")
+        packed = getattr(config, "packed", None)
+        if packed is None:  # a compact option asks for the compact layout; plain float32 stays readable by any tool
+            packed = keep is not None or save_dtype not in (None, "float32")
+            config.packed = bool(deltas) and packed  # recorded in adapter_config.json, which peft writes next
+        if deltas and packed:
+            return {**others, **compact.encode(deltas, dtype_name, keep)}
+        dtype = getattr(torch, dtype_name)
+        return {**others, **{k: v.to(dtype) for k, v in deltas.items()}}
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        try:
+            state_dict = decode_for_model(model, adapter_name, state_dict)
+        except ValueError as err:
+            abort_load(model, adapter_name)
+            raise ValueError(f"{err} The model was left as it was.") from None
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         problem = check_against_model(model, adapter_name, remapped)
         if problem:
@@ -269,4 +321,8 @@ class BitFitModel(BaseTuner):
                 f"Adapter checkpoint does not fit this model ({problem}). The model was left as it was. Load the "
                 "adapter onto the base model it was trained on, with the same BitFitConfig."
             )
+        mismatch = check_fingerprint(model, config, [k for k in state_dict if is_delta_key(k)])
+        if mismatch:
+            abort_load(model, adapter_name)
+            raise ValueError(f"{mismatch} The model was left as it was.")
         return remapped

@@ -531,7 +531,7 @@ def test_autocast_fp32_base(arch_case: Case) -> None:
 
 def test_save_dtype_bfloat16_halves_deltas_and_reloads_rounded(arch_case: Case, tmp_path: Path) -> None:
     batch = arch_case.batch()
-    model16 = make_peft(arch_case, init_weights=False, save_dtype="bfloat16")
+    model16 = make_peft(arch_case, init_weights=False, save_dtype="bfloat16", packed=False)  # one tensor per bias
     model32 = make_peft(arch_case, init_weights=False)
     d16, d32 = deltas(model16), deltas(model32)
     assert all(torch.equal(d16[n], d32[n]) for n in d32), "the seeded deltas differ: the test setup is broken"
@@ -555,3 +555,21 @@ def test_save_dtype_bfloat16_halves_deltas_and_reloads_rounded(arch_case: Case, 
         assert r[name].dtype == torch.float32
         assert torch.equal(r[name], d.detach().to(torch.bfloat16).float()), name
     torch.testing.assert_close(out(reloaded, batch), out(model32, batch), atol=1e-2, rtol=1e-2)
+
+
+def test_packed_int8_sparse_checkpoint_reloads_exactly_what_the_file_holds(arch_case: Case, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from bitfit_peft import compact
+
+    model = make_peft(arch_case, init_weights=False, save_dtype="int8", keep_fraction=0.5)
+    model.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / ADAPTER_FILE)
+    assert compact.is_packed(stored) and stored[compact.PACKED_KEY].dtype == torch.int8
+    state = compact.decode(stored)
+    reloaded = PeftModel.from_pretrained(arch_case.build(), tmp_path).eval()
+    r = deltas(reloaded)
+    assert r.keys() == deltas(model).keys()
+    for name, d in r.items():
+        assert d.dtype == torch.float32
+        assert torch.equal(d, state[f"{PREFIX}{name}.bitfit_delta"]), name

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = ("training", "memory", "inference", "mixed", "files", "scaling")
+CASES = ("training", "memory", "inference", "mixed", "files", "scaling", "store", "serving")
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,22 @@ def test_report_names_every_case(quick_run: Path) -> None:
     for name in CASES:
         assert f"(`{name}`)" in report
     assert "## Targets" in report
+
+
+@pytest.mark.slow
+def test_serving_case_measures_every_variant_over_http(quick_run: Path) -> None:
+    """The serving case's quick mode: every (k, variant) run answered its requests, batches mixed tasks, the p99
+    check and the memory of the server processes were measured."""
+    case = json.loads((quick_run / "results.json").read_text())["cases"]["serving"]
+    ks = case["config"]["ks"]
+    assert set(case["runs"]) == {f"{v} k={k}" for k in ks for v in ("a", "b", "c")}
+    for name, runs in case["runs"].items():
+        assert all(r["requests"] > 0 and r["errors"] == 0 for r in runs), (name, runs)
+        assert all(r["batch_size"] >= 1 for r in runs), (name, runs)
+    assert all(r["batch_tasks"] > 1 for r in case["runs"][f"a k={max(ks)}"])  # a batch held several tasks
+    assert all(p["p99_s"] > 0 for paced in case["paced"].values() for p in paced)
+    assert set(case["memory"]) == {"ab", "c", "d"} and all(m["private"] > 0 for m in case["memory"].values())
+    assert len(case["targets"]) == 2 + len(ks) and len(case["tables"]) == 3
 
 
 def _run_module(args: list[str]) -> subprocess.CompletedProcess[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -96,10 +97,7 @@ def test_verify_fails_on_another_base_and_on_a_wrong_fingerprint(saved: dict[str
     adapter = tmp_path / "fp"
     run("convert", str(saved["float32"]), str(adapter), "--to", "float32")
     config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(
-        json.dumps({**config, "base_model_fingerprint": "bf1:sha256:" + "0" * 20})
-    )
-    # base_model_fingerprint is not a BitFitConfig field yet (the lead adds it): peft drops unknown keys with a warning
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_fingerprint": "bf1:sha256:" + "0" * 20}))
     result = run("verify", str(adapter), "--base", str(saved["base"]))
     assert result.returncode == 1 and "fingerprint mismatch" in result.stdout, result.stdout + result.stderr
 
@@ -115,6 +113,27 @@ def test_errors_are_one_line(saved: dict[str, pathlib.Path], tmp_path: pathlib.P
     (broken / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     _error_line(run("verify", str(broken), "--base", str(saved["base"])), "not a BitFit adapter")
     _error_line(run("convert", str(saved["float32"]), str(tmp_path / "x"), "--to", "int4"), "unknown format")
+
+
+def test_convert_records_the_new_storage_in_the_config(saved: dict[str, pathlib.Path], tmp_path) -> None:
+    assert run("convert", str(saved["bfloat16"]), str(tmp_path / "q"), "--to", "int8:0.5").returncode == 0
+    config = json.loads((tmp_path / "q" / "adapter_config.json").read_text())
+    assert (config["save_dtype"], config["keep_fraction"], config["packed"]) == ("int8", 0.5, True)
+    assert run("convert", str(tmp_path / "q"), str(tmp_path / "f"), "--to", "float32").returncode == 0
+    config = json.loads((tmp_path / "f" / "adapter_config.json").read_text())
+    assert (config["save_dtype"], config["keep_fraction"], config["packed"]) == ("float32", None, False)
+
+
+def test_serve_help_through_the_console_script() -> None:
+    script = shutil.which("bitfit-peft", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("the package is not installed in this environment (pip install -e .)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's bitfit_peft, not the installed one
+    result = subprocess.run([script, "serve", "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "--adapters" in result.stdout and "--max-batch-size" in result.stdout
+    listed = subprocess.run([script, "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert all(c in listed.stdout for c in ("inspect", "convert", "verify", "serve")), listed.stdout
 
 
 def test_console_script_is_declared() -> None:

@@ -323,8 +323,10 @@ def test_config_errors_name_the_problem() -> None:
         BitFitConfig(bias_terms=["querry"])
     with pytest.raises(ValueError, match="Set either bias_terms or target_modules, not both"):
         BitFitConfig(bias_terms=["query"], target_modules=["query"])
-    with pytest.raises(ValueError, match="Invalid save_dtype 'int8'"):
-        BitFitConfig(save_dtype="int8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Invalid save_dtype 'int4'"):
+        BitFitConfig(save_dtype="int4")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="packed=False cannot store save_dtype='int8'"):
+        BitFitConfig(save_dtype="int8", packed=False)
 
 
 def test_selecting_nothing_lists_candidates() -> None:
@@ -415,17 +417,28 @@ def test_unknown_peft_type_and_unknown_adapter_name(tmp_path: Path) -> None:
 def test_save_dtype_halves_the_file_and_loads_back_to_float32(tmp_path: Path) -> None:
     model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False, save_dtype="bfloat16"))
     model.save_pretrained(tmp_path / "bf16")
+    plain = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False, save_dtype="bfloat16"))
+    plain.peft_config["default"].packed = False  # one bfloat16 tensor per bias
+    plain.save_pretrained(tmp_path / "bf16-plain")
     model.peft_config["default"].save_dtype = None
+    model.peft_config["default"].packed = None
     model.save_pretrained(tmp_path / "fp32")
     from safetensors import safe_open
 
-    with safe_open(tmp_path / "bf16" / "adapter_model.safetensors", "pt") as f:
-        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
-    assert {d for k, d in dtypes.items() if "bitfit_delta" in k} == {torch.bfloat16}
-    loaded = PeftModel.from_pretrained(bert(), str(tmp_path / "bf16"))
-    for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
-        if "bitfit_delta" in n:
-            assert q.dtype == torch.float32 and torch.equal(q, p.detach().to(torch.bfloat16).float())
+    def stored(name: str) -> dict[str, torch.dtype]:
+        with safe_open(tmp_path / name / "adapter_model.safetensors", "pt") as f:
+            return {k: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+
+    assert stored("bf16")["bitfit_packed"] == torch.bfloat16
+    assert {d for k, d in stored("bf16-plain").items() if "bitfit_delta" in k} == {torch.bfloat16}
+    assert {d for k, d in stored("fp32").items() if "bitfit_delta" in k} == {torch.float32}
+    sizes = {n: os.path.getsize(tmp_path / n / "adapter_model.safetensors") for n in ("bf16", "bf16-plain", "fp32")}
+    assert sizes["bf16"] < sizes["bf16-plain"] < sizes["fp32"]
+    for name in ("bf16", "bf16-plain"):
+        loaded = PeftModel.from_pretrained(bert(), str(tmp_path / name))
+        for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
+            if "bitfit_delta" in n:
+                assert q.dtype == torch.float32 and torch.equal(q, p.detach().to(torch.bfloat16).float()), name
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "bart"])

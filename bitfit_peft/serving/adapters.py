@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..constants import DELTA_ATTR, PEFT_TYPE_NAME, strip_peft_prefix
-from ..files import read_safetensors
+from ..files import read_adapter_weights
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -109,7 +109,7 @@ def read_adapter(name: str, path: str) -> AdapterFile:
             "convert it with model.save_pretrained(..., safe_serialization=True)."
         )
     try:
-        tensors, _ = read_safetensors(weights)
+        tensors = read_adapter_weights(weights)  # packed (int8 / sparse) files decoded to float32
     except ValueError as err:
         raise AdapterError(f"{where}: {err}") from None
     adapter = AdapterFile(name=name, path=path, config=config, size_bytes=os.path.getsize(weights))

@@ -26,12 +26,22 @@ HEAD_NAMES = ("pre_classifier", "classifier", "score")
 _PLACEHOLDER = "_serving"
 
 
-def build_base(base: str, generator: bool, dtype: torch.dtype, device: str) -> nn.Module:
-    """Load the base model for serving, frozen, in eval mode."""
+MEAN_POOLING_HEAD = {"classifier.out_proj.weight", "classifier.out_proj.bias"}
+
+
+def mean_pooling_head(head_keys: set[str] | None, base: str) -> bool:
+    """Whether adapters were trained with `MeanPooledSequenceClassifier` (their head is exactly a `MeanPoolingHead`);
+    without adapters to look at, whether the base is a sentence-transformers checkpoint (mean pooling)."""
+    return head_keys == MEAN_POOLING_HEAD if head_keys is not None else uses_mean_pooling(base)
+
+
+def build_base(base: str, generator: bool, dtype: torch.dtype, device: str, mean_pooling: bool = False) -> nn.Module:
+    """Load the base model for serving, frozen, in eval mode: a causal LM, a `MeanPooledSequenceClassifier`
+    (`mean_pooling`), or the architecture's own `*ForSequenceClassification`."""
     model: nn.Module
     if generator:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    elif uses_mean_pooling(base):  # sentence-transformers checkpoints: the GLUE example trains a mean-pooling head
+    elif mean_pooling:
         model = MeanPooledSequenceClassifier.from_pretrained(base, num_labels=1, dtype=dtype)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(

@@ -12,9 +12,6 @@ it was before or after a change, never a mix of layers. Nothing switches global 
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,35 +20,18 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from ..config import BitFitConfig
 from ..constants import BASE
-from ..layer_types import bias_shape
 from ..router import install_token_hook
 from ..routing import MixedBatch, Routing, RWLock, mixed_batch
-from ..targets import select_targets
-from .adapters import AdapterError, AdapterFile, UnknownTaskError, read_adapter, scan
-from .model import HEAD_NAMES, build_base, task_head, wrap_heads, wrap_layers
+from .adapters import AdapterError, UnknownTaskError, read_adapter, scan
+from .model import build_base, mean_pooling_head, wrap_heads, wrap_layers
+from .prepare import Preparer, TaskInfo, head_keys, task_type
 from .tables import Tables
 
 __all__ = ["GenerationRequest", "Prediction", "TaskInfo", "TaskStore"]
 
 Inputs = str | tuple[str, str] | list[str]
 Heads = nn.Module  # one task's copy of one base head module
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """What a served task is (see `TaskStore.tasks`)."""
-
-    name: str
-    problem: str  # "single_label_classification" | "multi_label_classification" | "regression" | "generation"
-    labels: list[str]
-    bias_terms: list[str] | None
-    size_bytes: int
-    params: int
-    path: str
-    loaded_at: float
-    fingerprint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,10 +78,8 @@ class TaskStore:
         self.refused: dict[str, str] = {}
         self._info: dict[str, TaskInfo] = {}
         self._heads = wrap_heads(model) if not generator else {}
+        self._prepare = Preparer(model, self.kind, self._heads)
         self._tables: Tables | None = None
-        self._selections: dict[str, dict[str, list[int] | None]] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}  # module path -> bias shape (read once per module)
-        self._config = model.config.to_dict()  # type: ignore[union-attr,operator]
         install_token_hook(model)
 
     # ------------------------------------------------------------------ opening and loading
@@ -130,7 +108,7 @@ class TaskStore:
         """
         paths = scan(adapters) if adapters else {}
         if generator is None:
-            types = {_task_type(path) for path in paths.values()}
+            types = {task_type(path) for path in paths.values()}
             archs = getattr(AutoConfig.from_pretrained(base), "architectures", None) or []
             generator = "CAUSAL_LM" in types or (
                 not types and any(a.endswith(("CausalLM", "LMHeadModel")) for a in archs)
@@ -138,7 +116,8 @@ class TaskStore:
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"Invalid dtype {dtype!r}: use float32, bfloat16 or float16.")
-        model = build_base(base, generator, torch_dtype, device)
+        heads = None if generator else head_keys(paths)
+        model = build_base(base, generator, torch_dtype, device, mean_pooling_head(heads, base))
         tokenizer = AutoTokenizer.from_pretrained(base)
         if generator:
             tokenizer.padding_side = "left"
@@ -153,107 +132,6 @@ class TaskStore:
         the tables, under the writer lock for that write only, so serving goes on meanwhile); returns the tasks
         loaded. Adapters that cannot be served are added to `refused` and skipped."""
         return self._load_many(scan(adapters))
-
-    def _prepare(self, adapter: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, Heads], TaskInfo]:
-        """Check an adapter against this base and turn it into full-width rows and head modules (no state change
-        except wrapping newly targeted layers, which is inert for the tasks already served)."""
-        where = f"adapter {adapter.name!r} ({adapter.path})"
-        task_type = adapter.config.get("task_type")
-        if (self.kind == "generator") != (task_type == "CAUSAL_LM"):
-            raise AdapterError(
-                f"{where}: task_type {task_type!r} does not fit this {self.kind} server "
-                f"({'CAUSAL_LM' if self.kind == 'generator' else 'SEQ_CLS'} expected)."
-            )
-        selection = self._selection(adapter, where)
-        missing, unexpected = (
-            sorted(set(selection) - set(adapter.deltas)),
-            sorted(set(adapter.deltas) - set(selection)),
-        )
-        if missing or unexpected:
-            raise AdapterError(
-                f"{where}: its deltas do not match the modules its config targets on this base (missing "
-                f"{missing[:3]}, unexpected {unexpected[:3]}); it was trained on another base model or architecture."
-            )
-        rows: dict[str, torch.Tensor] = {}
-        for key, delta in adapter.deltas.items():
-            shape = self._shapes.get(key)
-            if shape is None:
-                shape = self._shapes[key] = bias_shape(self.model.get_submodule(key))
-            positions = selection[key]
-            want = (len(positions),) if positions is not None else shape
-            if tuple(delta.shape) != tuple(want):
-                raise AdapterError(
-                    f"{where}: delta of {key} has shape {tuple(delta.shape)}, this base needs {tuple(want)}; the "
-                    "adapter was trained on another base model."
-                )
-            if positions is not None:
-                delta = delta.new_zeros(shape).index_add(0, torch.tensor(positions), delta)
-            rows[key] = delta
-        heads, width = self._task_heads(adapter, where)
-        config = adapter.config
-        problem = (
-            "generation"
-            if self.kind == "generator"
-            else config.get("problem_type") or ("regression" if width == 1 else "single_label_classification")
-        )
-        labels: list[str] = []
-        if problem not in ("regression", "generation"):
-            labels = list(config.get("labels") or [f"LABEL_{i}" for i in range(width)])
-        if labels and len(labels) != width:
-            raise AdapterError(f"{where}: {len(labels)} label names for a head with {width} outputs.")
-        info = TaskInfo(
-            name=adapter.name,
-            problem=problem,
-            labels=labels,
-            bias_terms=sorted(config["bias_terms"]) if config.get("bias_terms") else None,
-            size_bytes=adapter.size_bytes,
-            params=adapter.params,
-            path=os.path.abspath(adapter.path),
-            loaded_at=time.time(),
-            fingerprint=config.get("base_fingerprint"),
-        )
-        return rows, heads, info
-
-    def _selection(self, adapter: AdapterFile, where: str) -> dict[str, list[int] | None]:
-        key = adapter.selection_key()
-        if key not in self._selections:
-            fields = {k: v for k, v in adapter.config.items() if k in BitFitConfig.__dataclass_fields__}
-            fields.pop("peft_type", None)
-            try:
-                self._selections[key] = select_targets(self.model, BitFitConfig(**fields), self._config)
-            except (TypeError, ValueError) as err:
-                raise AdapterError(f"{where}: its config does not fit this base model ({err}).") from None
-        return self._selections[key]
-
-    def _task_heads(self, adapter: AdapterFile, where: str) -> tuple[dict[str, Heads], int]:
-        if self.kind == "generator":
-            if adapter.head:
-                raise AdapterError(
-                    f"{where}: a generation adapter with saved modules {sorted(adapter.head)[:3]} "
-                    "cannot be served (only bias deltas are routed per request)."
-                )
-            return {}, 0
-        by_head: dict[str, dict[str, torch.Tensor]] = {}
-        for path, value in adapter.head.items():
-            name, _, rest = path.partition(".")
-            if name not in self._heads:
-                raise AdapterError(
-                    f"{where}: saved module {path} is not a task head of this base ({sorted(self._heads)})."
-                )
-            by_head.setdefault(name, {})[rest] = value
-        final = next((n for n in reversed(HEAD_NAMES) if n in by_head), None)
-        if final is None:
-            raise AdapterError(
-                f"{where}: no task head saved with the adapter; train it with task_type='SEQ_CLS' so the head is "
-                "saved next to the deltas."
-            )
-        modules: dict[str, Heads] = {}
-        width = 0
-        for name, state in by_head.items():
-            modules[name], w = task_head(self._heads[name], name, state, where)
-            if name == final:
-                width = w
-        return modules, width
 
     def _load_many(self, paths: dict[str, str]) -> list[str]:
         """Read, check and install adapters one at a time: peak memory is the tables plus one file."""
@@ -431,12 +309,3 @@ class TaskStore:
                 for j, i in enumerate(idx):
                     out[i] = self.tokenizer.decode(new[j, : requests[i].max_new_tokens], skip_special_tokens=True)
         return out
-
-
-def _task_type(path: str) -> str | None:
-    try:
-        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
-            value = json.load(f).get("task_type")
-    except (OSError, ValueError, AttributeError):
-        return None  # reported when the adapter itself is read
-    return value if isinstance(value, str) else None

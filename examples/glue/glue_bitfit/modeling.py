@@ -65,7 +65,11 @@ def build_base_model(model_path: str, num_labels: int, pooling: str, regression:
 
 
 def apply_method(
-    base: nn.Module, method: str, bias_terms: list[str] | None = None, lora_r: int = 8
+    base: nn.Module,
+    method: str,
+    bias_terms: list[str] | None = None,
+    lora_r: int = 8,
+    labels: tuple[str, ...] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Make only the parameters `method` trains require grad (wrapping with peft where the method is a tuner).
 
@@ -74,6 +78,7 @@ def apply_method(
         method (`str`): One of `METHODS`.
         bias_terms (`list[str] | None`): BitFit's `bias_terms` (`None`: every bias).
         lora_r (`int`, defaults to 8): LoRA rank.
+        labels (`tuple[str, ...] | None`): the task's label names, saved in a BitFit adapter's config.
 
     Returns:
         `tuple[nn.Module, dict]`: the model to train and a description (`peft`: whether it is a `PeftModel`).
@@ -93,7 +98,13 @@ def apply_method(
         import bitfit_peft  # noqa: F401  (registers the BITFIT peft type)
         from bitfit_peft import BitFitConfig
 
-        config = BitFitConfig(task_type="SEQ_CLS", bias_terms=bias_terms or None)
+        # label names and the problem type travel with the adapter (serving and the model card read them)
+        config = BitFitConfig(
+            task_type="SEQ_CLS",
+            bias_terms=bias_terms or None,
+            labels=list(labels) if labels else None,
+            problem_type="single_label_classification" if labels else None,  # one output: regression
+        )
     elif method == "lora":
         from peft import LoraConfig
 

@@ -3,7 +3,7 @@
 Pruning a trained adapter to its largest-magnitude entries costs accuracy (MiniLM b_q + b_m2 on SST-2: about one
 point at 40% kept). Here the pruned adapter is trained a short while longer (`--retrain-epochs`, default 1) with
 the pruned positions held at exactly zero, so the kept deltas and the head can make up for the dropped ones; the
-result is saved in `bitfit_peft.compact`'s int8 sparse form, which keeps exactly the same positions (the
+result is saved int8 and sparse (`BitFitConfig(save_dtype="int8", keep_fraction=F)`), which keeps exactly the same positions (the
 largest-magnitude `F` of each delta tensor, the same selection rule as `compact.encode`).
 
 `retrain` is a step of `train.run`, after the normal epochs (or, with `--init-adapter DIR`, instead of them:
@@ -88,21 +88,17 @@ def load_init_adapter(model: Any, adapter_dir: str) -> None:
 
 
 def save_compact(model: Any, out_dir: str, keep_fraction: float) -> str:
-    """Save `model`'s adapter with `save_pretrained`, then rewrite its weights as int8 keeping `keep_fraction`.
+    """Save `model`'s adapter with `BitFitConfig(save_dtype="int8", keep_fraction=keep_fraction)`; return the file.
 
-    Returns the weights file path. Written with `compact.encode` until `BitFitConfig` saves compact files itself.
+    The deltas are stored int8 and sparse; `save_pretrained` keeps the task head float32 (2,310 more bytes than
+    int8 for MiniLM's 2-label head: the 40% SST-2 adapter is 9,910 B this way, 7,641 B with an int8 head, which
+    `compact.encode` can write but the strict loader of `PeftModel.from_pretrained` refuses).
     """
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    from bitfit_peft import compact
-
+    config = model.peft_config[model.active_adapter]
+    # packed too: an earlier get_peft_model_state_dict of the float32 adapter recorded packed=False in the config.
+    config.save_dtype, config.keep_fraction, config.packed = SAVE_DTYPE, keep_fraction, True
     model.save_pretrained(out_dir)
-    encoded = compact.encode(get_peft_model_state_dict(model), SAVE_DTYPE, keep_fraction)
-    path = os.path.join(out_dir, ADAPTER_FILE)
-    # No module-order metadata: it adds ~45 bytes a module, 5% of an 8 KB file; the layout tensor decodes without it.
-    save_file(encoded, path, metadata=compact.safetensors_metadata(encoded, module_order=False))
-    return path
+    return os.path.join(out_dir, ADAPTER_FILE)
 
 
 def retrain(s: Any, state: Any) -> None:

@@ -170,7 +170,7 @@ def setup(args: argparse.Namespace) -> tuple[Session, TrainState]:
         base = build_base_model(args.model, task.num_labels, pooling, task.is_regression)
     except OSError as err:
         raise ValueError(f"Cannot load --model '{args.model}': {str(err).splitlines()[0]}") from None
-    model, info = apply_method(base, args.method, args.bias_terms, args.lora_r)
+    model, info = apply_method(base, args.method, args.bias_terms, args.lora_r, labels=task.labels)
     if args.init_adapter:
         load_init_adapter(model, args.init_adapter)
     trainable, total = count_parameters(model)

@@ -1,0 +1,186 @@
+"""Turning one adapter read from disk into what a `TaskStore` serves: full-width delta rows, head modules and a
+`TaskInfo`, after checking it against the served base (task type, targets, shapes, head structure, labels).
+
+Nothing here changes the served model: `TaskStore` installs the result under its writer lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import BitFitConfig
+from ..constants import PREFIX, strip_peft_prefix
+from ..layer_types import bias_shape
+from ..targets import select_targets
+from .adapters import AdapterError, AdapterFile
+from .model import HEAD_NAMES, TaskHeads, task_head
+
+__all__ = ["Preparer", "TaskInfo", "head_keys", "task_type"]
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a served task is (see `TaskStore.tasks`)."""
+
+    name: str
+    problem: str  # "single_label_classification" | "multi_label_classification" | "regression" | "generation"
+    labels: list[str]
+    bias_terms: list[str] | None
+    size_bytes: int
+    params: int
+    path: str
+    loaded_at: float
+    fingerprint: str | None = None
+
+
+class Preparer:
+    """Checks adapters against one served base model and converts them (see the module docstring).
+
+    Args:
+        model (`nn.Module`): the served model.
+        kind (`str`): `"classifier"` or `"generator"`.
+        heads (`dict[str, TaskHeads]`): the head routers of a classifier, by head name.
+    """
+
+    def __init__(self, model: nn.Module, kind: str, heads: dict[str, TaskHeads]) -> None:
+        self.model = model
+        self.kind = kind
+        self.heads = heads
+        self._config: dict[str, Any] = model.config.to_dict()  # type: ignore[union-attr,operator]
+        self._selections: dict[str, dict[str, list[int] | None]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}  # module path -> bias shape (read once per module)
+
+    def __call__(self, adapter: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module], TaskInfo]:
+        """Check an adapter against this base and turn it into full-width delta rows (module path -> tensor), its
+        head modules (head name -> module) and its `TaskInfo`. Reads the model, changes nothing."""
+        where = f"adapter {adapter.name!r} ({adapter.path})"
+        task_type = adapter.config.get("task_type")
+        if (self.kind == "generator") != (task_type == "CAUSAL_LM"):
+            raise AdapterError(
+                f"{where}: task_type {task_type!r} does not fit this {self.kind} server "
+                f"({'CAUSAL_LM' if self.kind == 'generator' else 'SEQ_CLS'} expected)."
+            )
+        selection = self._selection(adapter, where)
+        missing, unexpected = (
+            sorted(set(selection) - set(adapter.deltas)),
+            sorted(set(adapter.deltas) - set(selection)),
+        )
+        if missing or unexpected:
+            raise AdapterError(
+                f"{where}: its deltas do not match the modules its config targets on this base (missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}); it was trained on another base model or architecture."
+            )
+        rows: dict[str, torch.Tensor] = {}
+        for key, delta in adapter.deltas.items():
+            shape = self._shapes.get(key)
+            if shape is None:
+                shape = self._shapes[key] = bias_shape(self.model.get_submodule(key))
+            positions = selection[key]
+            want = (len(positions),) if positions is not None else shape
+            if tuple(delta.shape) != tuple(want):
+                raise AdapterError(
+                    f"{where}: delta of {key} has shape {tuple(delta.shape)}, this base needs {tuple(want)}; the "
+                    "adapter was trained on another base model."
+                )
+            if positions is not None:
+                delta = delta.new_zeros(shape).index_add(0, torch.tensor(positions), delta)
+            rows[key] = delta
+        heads, width = self._task_heads(adapter, where)
+        config = adapter.config
+        problem = (
+            "generation"
+            if self.kind == "generator"
+            else config.get("problem_type") or ("regression" if width == 1 else "single_label_classification")
+        )
+        labels: list[str] = []
+        if problem not in ("regression", "generation"):
+            labels = list(config.get("labels") or [f"LABEL_{i}" for i in range(width)])
+        if labels and len(labels) != width:
+            raise AdapterError(f"{where}: {len(labels)} label names for a head with {width} outputs.")
+        info = TaskInfo(
+            name=adapter.name,
+            problem=problem,
+            labels=labels,
+            bias_terms=sorted(config["bias_terms"]) if config.get("bias_terms") else None,
+            size_bytes=adapter.size_bytes,
+            params=adapter.params,
+            path=os.path.abspath(adapter.path),
+            loaded_at=time.time(),
+            fingerprint=config.get("base_fingerprint"),
+        )
+        return rows, heads, info
+
+    def _selection(self, adapter: AdapterFile, where: str) -> dict[str, list[int] | None]:
+        key = adapter.selection_key()
+        if key not in self._selections:
+            fields = {k: v for k, v in adapter.config.items() if k in BitFitConfig.__dataclass_fields__}
+            fields.pop("peft_type", None)
+            try:
+                self._selections[key] = select_targets(self.model, BitFitConfig(**fields), self._config)
+            except (TypeError, ValueError) as err:
+                raise AdapterError(f"{where}: its config does not fit this base model ({err}).") from None
+        return self._selections[key]
+
+    def _task_heads(self, adapter: AdapterFile, where: str) -> tuple[dict[str, nn.Module], int]:
+        if self.kind == "generator":
+            if adapter.head:
+                raise AdapterError(
+                    f"{where}: a generation adapter with saved modules {sorted(adapter.head)[:3]} "
+                    "cannot be served (only bias deltas are routed per request)."
+                )
+            return {}, 0
+        by_head: dict[str, dict[str, torch.Tensor]] = {}
+        for path, value in adapter.head.items():
+            name, _, rest = path.partition(".")
+            if name not in self.heads:
+                raise AdapterError(
+                    f"{where}: saved module {path} is not a task head of this base ({sorted(self.heads)})."
+                )
+            by_head.setdefault(name, {})[rest] = value
+        final = next((n for n in reversed(HEAD_NAMES) if n in by_head), None)
+        if final is None:
+            raise AdapterError(
+                f"{where}: no task head saved with the adapter; train it with task_type='SEQ_CLS' so the head is "
+                "saved next to the deltas."
+            )
+        modules: dict[str, nn.Module] = {}
+        width = 0
+        for name, state in by_head.items():
+            modules[name], w = task_head(self.heads[name], name, state, where)
+            if name == final:
+                width = w
+        return modules, width
+
+
+def task_type(path: str) -> str | None:
+    """The `task_type` in an adapter directory's config, or None when it cannot be read."""
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+            value = json.load(f).get("task_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # reported when the adapter itself is read
+    return value if isinstance(value, str) else None
+
+
+def head_keys(paths: dict[str, str]) -> set[str] | None:
+    """The head parameter names of the first adapter whose file header can be read (decides which head family the
+    base is built with; adapters of the other family are then refused by name), or None."""
+    for path in paths.values():
+        try:
+            with open(os.path.join(path, "adapter_model.safetensors"), "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                if length > 16 * 1024 * 1024:
+                    continue
+                header = json.loads(f.read(length))
+        except (OSError, ValueError):
+            continue  # reported when the adapter itself is read
+        if isinstance(header, dict):
+            return {strip_peft_prefix(k) for k in header if PREFIX not in k and k != "__metadata__"}
+    return None

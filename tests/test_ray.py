@@ -1,0 +1,116 @@
+"""The Ray Serve app (`bitfit_peft.serving.ray_app`): a local Ray instance runs 2 replicas of a tiny BERT base with
+adapters of different head sizes; concurrent HTTP requests for mixed tasks each get what `TaskStore.predict` gives for
+that item alone, both replicas answer, and batches mix tasks. Skipped without the `ray` extra."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install -e '.[ray]'")
+serve = pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install -e '.[ray]'")
+
+from serving_helpers import save_adapter, save_base, text  # noqa: E402
+
+from bitfit_peft.serving import TaskStore  # noqa: E402
+from bitfit_peft.serving.ray_app import build_app  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+
+# task -> number of outputs (1 = regression)
+HEADS = {"sent": 2, "nli": 3, "topic": 6, "sim": 1}
+PAIRS = {"nli", "sim"}
+WAVES, PER_WAVE, DEADLINE_S = 4, 32, 120.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _item(i: int) -> tuple[str, str | tuple[str, str]]:
+    task = list(HEADS)[i % len(HEADS)]
+    return task, ((text(2 * i), text(2 * i + 1)) if task in PAIRS else text(i))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, TaskStore]]:
+    root = tmp_path_factory.mktemp("ray")
+    base = save_base(root / "base", "bert")
+    for i, (task, n) in enumerate(HEADS.items()):
+        save_adapter(base, root / "adapters" / task, num_labels=n, seed=i)
+    port = _free_port()
+    # address="local": always a fresh instance on this machine, never a cluster found through RAY_ADDRESS
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app(
+            str(base), str(root / "adapters"), replicas=2, num_cpus=0.5, threads=1, batch_wait_timeout_s=0.05
+        )
+        serve.run(app, route_prefix="/")
+        yield f"http://127.0.0.1:{port}", TaskStore.open(str(base), str(root / "adapters"))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_two_replicas_answer_mixed_concurrent_requests_like_the_store_alone(served: tuple[str, TaskStore]) -> None:
+    url, store = served
+    replicas: set[str] = set()
+    mixed = 0
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for wave in range(WAVES):
+            items = [_item(wave * PER_WAVE + i) for i in range(PER_WAVE)]
+            bodies = [{"task": task, "inputs": inputs} for task, inputs in items]
+            answers = list(pool.map(lambda b: _post(f"{url}/v1/predict", b), bodies))
+            for (task, inputs), (status, got) in zip(items, answers, strict=True):
+                assert status == 200, got
+                want = store.predict([(task, inputs)])[0]
+                assert got["task"] == task and got["label"] == want.label
+                assert got["logits"] == pytest.approx(want.logits, abs=1e-5), task
+                assert got["scores"] == pytest.approx(want.scores, abs=1e-5)
+                assert (got["score"] is None) == (want.score is None)
+                assert 1 <= got["batch_tasks"] <= min(got["batch_size"], len(HEADS))
+                replicas.add(got["replica"])
+                mixed += got["batch_tasks"] > 1
+            if (len(replicas) == 2 and mixed) or time.monotonic() - start > DEADLINE_S:
+                break
+    assert len(replicas) == 2, f"one replica answered every request: {replicas}"
+    assert mixed, "no batch held more than one task"
+
+
+def test_unknown_task_404_blank_input_422_too_long_413_unless_truncated(served: tuple[str, TaskStore]) -> None:
+    url, store = served
+    status, body = _post(f"{url}/v1/predict", {"model": "nope", "inputs": "w1 w2"})
+    assert status == 404 and "Unknown task 'nope'" in body["detail"] and "sent" in body["detail"]
+    status, body = _post(f"{url}/v1/predict", {"task": "sent", "inputs": "  "})
+    assert status == 422 and body["detail"][0]["loc"][-1] == "inputs"
+    long = text(0, n=store.max_length + 10)
+    status, body = _post(f"{url}/v1/predict", {"task": "sent", "inputs": long})
+    assert status == 413 and f"more than max_length={store.max_length}" in body["detail"]
+    status, body = _post(f"{url}/v1/predict", {"task": "sent", "inputs": long, "truncate": True})
+    assert status == 200 and body["logits"] == pytest.approx(store.predict([("sent", long)])[0].logits, abs=1e-5)
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as response:
+        ids = [card["id"] for card in json.loads(response.read())["data"]]
+    assert ids[0] == store.base_name and sorted(ids[1:]) == sorted(HEADS)

@@ -1,0 +1,159 @@
+"""Adapter files as untrusted input: every way a file can lie gets one clear error before the model is touched, and
+the model (a bare base, or a PeftModel that already holds an adapter) stays bitwise as it was.
+
+Each case writes a crafted adapter directory and loads it with `PeftModel.from_pretrained` and with `load_adapter`;
+the options that accept what is refused by default (`bitfit_peft.files.load_policy`) are tested to load it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from test_core import assert_same, bert, snapshot, trained
+
+from bitfit_peft import BitFitConfig, BitFitLayer, compact
+from bitfit_peft.files import load_policy
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def write_raw(path: Path, header: str, data: bytes = b"", claimed: int | None = None) -> None:
+    """A safetensors file from a header written by hand (so it can repeat keys or lie about its length)."""
+    raw = header.encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if claimed is None else claimed) + raw + data)
+
+
+def packed_dir(tmp_path: Path, save_dtype: str = "int8") -> Path:
+    _, path = trained(tmp_path, "p", save_dtype=save_dtype)
+    return path
+
+
+def repack(path: Path, change: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+    tensors = load_file(path / WEIGHTS)
+    save_file(change(tensors), path / WEIGHTS)
+
+
+def relayout(path: Path, change: Callable[[dict], None], scales: list[float] | None = None) -> None:
+    """Rewrite the layout tensor of a packed file with `change` applied to its JSON (and, optionally, new scales)."""
+    import zlib
+
+    import numpy as np
+
+    def apply(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        layout = compact.read_layout(tensors)
+        old_scales = layout.pop("scales", [])
+        layout.pop("head_scales", None)
+        change(layout)
+        raw = zlib.compress(json.dumps(layout).encode()) + np.asarray(scales or old_scales, "<f4").tobytes()
+        return {**tensors, compact.LAYOUT_KEY: torch.frombuffer(bytearray(raw), dtype=torch.uint8)}
+
+    repack(path, apply)
+
+
+def refused(path: Path, match: str) -> None:
+    """Loading `path` fails with `match`, onto a bare base and into a PeftModel with an adapter, changing nothing."""
+    base = bert()
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(base, str(path))
+    assert_same(before, snapshot(base))
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False)).eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        model.load_adapter(str(path), adapter_name="new")
+    assert_same(before, snapshot(model))
+
+
+def test_header_that_claims_a_huge_length(tmp_path: Path) -> None:
+    _, path = trained(tmp_path)
+    write_raw(path / WEIGHTS, '{"a.bitfit_delta":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', claimed=2**40)
+    refused(path, r"header claims 1,099,511,627,776 bytes .* \(limit 16,777,216\)")
+
+
+def test_tensor_dtype_that_a_bias_delta_cannot_have(tmp_path: Path) -> None:
+    _, path = trained(tmp_path)
+    repack(path, lambda t: {k: v.to(torch.int64) if "bitfit_delta" in k else v for k, v in t.items()})
+    refused(path, r"has dtype torch.int64, expected floating point")
+
+
+def test_packed_values_whose_dtype_disagrees_with_the_layout(tmp_path: Path) -> None:
+    path = packed_dir(tmp_path)
+    repack(path, lambda t: {**t, compact.PACKED_KEY: t[compact.PACKED_KEY].float()})
+    refused(path, r"the layout says int8 but bitfit_packed holds torch.float32")
+
+
+def test_shapes_that_disagree_with_the_config(tmp_path: Path) -> None:
+    path = packed_dir(tmp_path, "bfloat16")
+
+    def wider(layout: dict) -> None:  # consistent file, but the deltas do not fit the modules the config targets
+        layout["shapes"] = [[s[0] + 1] for s in layout["shapes"]]
+
+    def grow(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        n = len(compact.read_layout(tensors)["keys"])
+        return {**tensors, compact.PACKED_KEY: torch.cat([tensors[compact.PACKED_KEY], torch.zeros(n).bfloat16()])}
+
+    repack(path, grow)
+    relayout(path, wider)
+    refused(path, r"has shape \(33,\) in the checkpoint but \(32,\) in the model")
+
+
+def test_layout_that_claims_a_huge_adapter(tmp_path: Path) -> None:
+    path = packed_dir(tmp_path, "bfloat16")
+    relayout(path, lambda layout: layout.update(shapes=[[2**40]] * len(layout["shapes"])))
+    refused(path, r"claims .* delta values, more than any model's biases")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "int8-scale"])
+def test_nan_and_inf_refused_unless_allowed(packed: bool, tmp_path: Path) -> None:
+    if packed:  # int8 values are finite by construction; a NaN scale makes the decoded deltas NaN
+        path = packed_dir(tmp_path)
+        n = len(compact.read_layout(load_file(path / WEIGHTS))["keys"])
+        relayout(path, lambda layout: None, scales=[float("nan")] + [0.01] * (n - 1))
+        match = "decodes to NaN or inf"
+    else:
+        _, path = trained(tmp_path)
+        repack(path, lambda t: {k: v.clone().fill_(float("inf")) if "bitfit_delta" in k else v for k, v in t.items()})
+        match = "holds NaN or inf values"
+    refused(path, rf"{match} .*load_policy\(allow_nonfinite=True\)")
+    with load_policy(allow_nonfinite=True):
+        loaded = PeftModel.from_pretrained(bert(), str(path))
+    layer = next(m for m in loaded.modules() if isinstance(m, BitFitLayer))
+    assert not bool(torch.isfinite(layer.bitfit_delta["default"]).all())
+
+
+def test_duplicate_keys_in_the_header_and_in_the_layout(tmp_path: Path) -> None:
+    _, path = trained(tmp_path)
+    entry = '{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    write_raw(path / WEIGHTS, f'{{"x.bitfit_delta":{entry},"x.bitfit_delta":{entry}}}', b"\0" * 4)
+    refused(path, r"the header lists key 'x.bitfit_delta' twice")
+    path = packed_dir(tmp_path)
+    relayout(path, lambda layout: layout["keys"].__setitem__(1, layout["keys"][0]))
+    refused(path, r"the layout lists key .* twice")
+
+
+@pytest.mark.parametrize("key", ["../../etc/x.bitfit_delta", "/abs.bitfit_delta", "a..b.bitfit_delta"])
+def test_path_like_keys(key: str, tmp_path: Path) -> None:
+    _, path = trained(tmp_path)
+    write_raw(path / WEIGHTS, json.dumps({key: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}), b"\0" * 4)
+    refused(path, "is not a dotted parameter name")
+    path = packed_dir(tmp_path)
+    relayout(path, lambda layout: layout["keys"].__setitem__(0, key))
+    refused(path, "is not a dotted '...bitfit_delta' name")
+
+
+def test_pickle_only_directory_needs_an_explicit_opt_in(tmp_path: Path) -> None:
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert not (tmp_path / "bin" / WEIGHTS).exists()
+    refused(tmp_path / "bin", r"holds only a pickle checkpoint .*load_policy\(allow_pickle=True\)")
+    with load_policy(allow_pickle=True):
+        loaded = PeftModel.from_pretrained(bert(), str(tmp_path / "bin"))
+    for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
