@@ -3,7 +3,8 @@
 Builds `BertForSequenceClassification` from a `BertConfig` (`bert-base`: the default config, 12 x 768, intermediate
 3072; `minilm`: all-MiniLM-L6-v2's 6 x 384, intermediate 1536) with random weights, adds a BitFit adapter with
 random deltas (`init_weights=False`) on `--bias-terms` and a `--num-labels` head, and writes it with
-`bitfit_peft.compact.encode` in each form. Sizes depend on the shape, not on the values (sparse positions are
+`bitfit_peft.compact.encode` in each form (the head in the same dtype), then with `BitFitConfig(save_dtype,
+keep_fraction)` and `save_pretrained` (the head float32, the module order in the header). Sizes depend on the shape, not on the values (sparse positions are
 stored as a bitmap down to about 1/8 kept; below that as gap bytes, one more for each gap of 255 or more).
 
     python examples/glue/compact_sizes.py --preset bert-base --bias-terms query intermediate \
@@ -36,7 +37,8 @@ def sizes(preset: str, bias_terms: list[str], num_labels: int, forms: list[str])
     torch.manual_seed(0)
     base = BertForSequenceClassification(BertConfig(num_labels=num_labels, **PRESETS[preset]))
     config = BitFitConfig(task_type="SEQ_CLS", bias_terms=bias_terms, init_weights=False)
-    state = get_peft_model_state_dict(get_peft_model(base, config))
+    model = get_peft_model(base, config)
+    state = get_peft_model_state_dict(model)
     deltas = sum(v.numel() for k, v in state.items() if k.endswith(compact.DELTA_MARKER))
     out: dict[str, Any] = {"preset": preset, "bias_terms": bias_terms, "deltas": deltas, "forms": {}}
     out["head"] = sum(v.numel() for k, v in state.items() if not k.endswith(compact.DELTA_MARKER))
@@ -55,6 +57,13 @@ def sizes(preset: str, bias_terms: list[str], num_labels: int, forms: list[str])
                 "file_bytes_with_module_metadata": os.path.getsize(path),
                 "payload_bytes": compact.payload_bytes(encoded),
             }
+        # What BitFitConfig(save_dtype, keep_fraction) + save_pretrained writes: the head stays float32.
+        for form in forms:
+            dtype, _, keep = form.partition(":")
+            config.save_dtype, config.keep_fraction = dtype, float(keep) if keep else None
+            config.packed = None if dtype == "float32" and not keep else True
+            model.save_pretrained(tmp)
+            out["forms"][f"BitFitConfig {form}"] = {"file_bytes": os.path.getsize(path)}
     return out
 
 
