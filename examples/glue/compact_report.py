@@ -86,7 +86,7 @@ def table(rows: dict[str, dict[str, list[tuple[float, int]]]]) -> str:
 def figure(rows: dict[str, dict[str, list[tuple[float, int]]]], path: str, budget: dict[str, int]) -> None:
     """File size (log x) against dev metric, one panel per task, one marker per form (error bar: std over seeds)."""
     tasks = [t for t in TASK_ORDER if t in rows]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.8), squeeze=False)
     markers = "osD^v<>pP*Xh"
     forms: list[str] = []
     for t in tasks:
@@ -119,7 +119,7 @@ def figure(rows: dict[str, dict[str, list[tuple[float, int]]]], path: str, budge
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle("MiniLM b_q + b_m2 BitFit adapters (with head): file size vs dev metric per storage form")
-    fig.tight_layout(rect=(0, 0.14, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.2, 1, 0.95))
     fig.savefig(path, dpi=120)
 
 
