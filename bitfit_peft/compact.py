@@ -282,8 +282,12 @@ def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return size
 
 
-def _canonical(key: str) -> str:
+def head_key(key: str) -> str:
+    """A task-head key as the layout lists it: peft prefix and per-adapter copy (`modules_to_save.<name>`) removed."""
     return _HEAD_COPY.sub("", key).removeprefix(PEFT_PREFIX)
+
+
+_canonical = head_key
 
 
 def _check_finite(key: str, tensor: torch.Tensor, save_dtype: str) -> None:

@@ -222,7 +222,8 @@ def check_adapter_file(directory: str) -> None:
 
 
 def write_layout_metadata(path: str, limit: float = 1.05) -> None:
-    """Add the packed layout's format, dtype and module order to the header of the packed file at `path`.
+    """Add the packed layout's format, dtype and module order to the header of the packed file at `path` (and, in an
+    int8 file, quantize the task head, which peft adds after the save hook).
 
     peft writes `{"format": "pt"}` only; this rewrites the (small) file once so that a reader sees the module order
     without torch. The module order is left out when it would make the file more than `limit` x its payload (tiny
@@ -234,6 +235,14 @@ def write_layout_metadata(path: str, limit: float = 1.05) -> None:
     if not compact.is_packed(tensors) or "bitfit_layout" in metadata:
         return
     tensors = {k: v.clone() for k, v in tensors.items()}  # own memory, not views of the file buffer being replaced
+    layout = compact.read_layout(tensors)
+    parts = (compact.LAYOUT_KEY, compact.PACKED_KEY, compact.POSITIONS_KEY)
+    float_heads = any(k not in parts and v.is_floating_point() for k, v in tensors.items())
+    if layout.get("dtype") == "int8" and not layout.get("heads") and float_heads:
+        # peft adds the task head to the state dict after the tuner's save hook, so it arrives here in float32: an
+        # int8 file quantizes it too (its own scale), which is what brings a b_q + b_m2 MiniLM adapter under 8 KB
+        keep = (layout.get("sparse") or {}).get("keep_fraction")
+        tensors = compact.encode(compact.decode(tensors), "int8", keep)
     payload = compact.payload_bytes(tensors)
     for module_order in (True, False):
         meta = compact.safetensors_metadata(tensors, module_order=module_order)
@@ -251,15 +260,22 @@ def read_adapter_weights(path: str) -> dict[str, torch.Tensor]:
             `load_policy(allow_nonfinite=True)`.
     """
     tensors, _ = read_safetensors(path)
-    packed_parts = (
-        (compact.LAYOUT_KEY, compact.PACKED_KEY, compact.POSITIONS_KEY) if compact.is_packed(tensors) else ()
-    )
+    packed_parts: tuple[str, ...] = ()
+    int8_heads: set[str] | None = set()  # None: the layout is broken, and decode below says how
+    if compact.is_packed(tensors):
+        packed_parts = (compact.LAYOUT_KEY, compact.PACKED_KEY, compact.POSITIONS_KEY)
+        try:
+            int8_heads = set(compact.read_layout(tensors).get("heads") or ())
+        except ValueError:
+            int8_heads = None
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point() and key not in packed_parts:
+        if int8_heads is None or tensor.is_floating_point() or key in packed_parts:
+            continue
+        if compact.head_key(key) not in int8_heads:
             raise ValueError(
                 f"Adapter file {path} is not a valid BitFit checkpoint: tensor {key} has dtype {tensor.dtype}, "
                 "expected floating point (integer tensors appear only in a packed layout: bitfit_packed, "
-                "bitfit_layout, bitfit_positions)."
+                "bitfit_layout, bitfit_positions, and int8 task heads the layout lists)."
             )
     if not packed_parts:
         return compact.decode(tensors)

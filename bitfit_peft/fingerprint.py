@@ -1,8 +1,10 @@
 """A cheap fingerprint of a base model, so an adapter can tell whether it is being loaded onto the model it was trained on.
 
 `fingerprint` hashes (SHA-256) the targeted base biases, the first row of each targeted layer's weight and three
-rows of the input embeddings, as float32 little-endian bytes in module-name order: a few hundred kilobytes at most,
-never the whole model, and the same value on any device or dtype that holds the same weights. It is computed on the
+rows of the input embeddings, rounded to bfloat16 precision and written as float32 little-endian bytes in module-name
+order: a few hundred kilobytes at most, never the whole model. The rounding makes a float32 base and its bfloat16
+cast (a server running `--dtype bfloat16`) the same base, while another checkpoint or a fine-tuned one still differs;
+a float16 cast may not match (rounding twice can land on another bfloat16 value) and then warns. It is computed on the
 base weights: BitFit layers are looked through to the layer they wrap, and merged adapters are refused.
 """
 
@@ -121,10 +123,11 @@ def _param(module: nn.Module | None, name: str) -> torch.Tensor | None:
 
 
 def _update(digest: hashlib._Hash, tensor: torch.Tensor | None) -> None:
-    """Add a tensor's shape and float32 little-endian values (-0.0 as 0.0) to the hash; None adds a marker."""
+    """Add a tensor's shape and bfloat16-rounded values (as float32 little-endian, -0.0 as 0.0) to the hash; None adds
+    a marker."""
     if tensor is None:
         digest.update(b"\x00none")
         return
-    data = tensor.detach().to("cpu", torch.float32).contiguous() + 0.0
+    data = tensor.detach().to("cpu").to(torch.bfloat16).to(torch.float32).contiguous() + 0.0
     digest.update(struct.pack(f"<{data.dim() + 1}q", data.dim(), *data.shape))
     digest.update(data.numpy().astype("<f4", copy=False).tobytes())

