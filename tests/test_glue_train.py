@@ -100,6 +100,12 @@ def test_bias_terms_subset_trains_fewer_parameters(tiny: dict[str, str], tmp_pat
     qm2 = json.loads((tmp_path / "qm2" / "results.json").read_text())["trainable_params"]
     # 2 layers x (query 32 + intermediate 64) biases + classifier (32*2+2) + pooler stays frozen
     assert qm2 == 2 * (32 + 64) + 66 < all_terms
+    # the best adapter's model card shows its dev metric and the task's label names travel in its config
+    results = json.loads((tmp_path / "qm2" / "results.json").read_text())
+    card = (tmp_path / "qm2" / "README.md").read_text()
+    assert f"{results['best']['accuracy']:.4f}"[:5] in card and "sst2" in card, card
+    config = json.loads((tmp_path / "qm2" / "adapter_config.json").read_text())
+    assert config["labels"] == ["0", "1"] and config["problem_type"] == "single_label_classification"
 
 
 def test_learns_tiny_task_and_train_size_subset(tiny: dict[str, str], tmp_path: pathlib.Path) -> None:

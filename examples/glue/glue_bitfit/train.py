@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from bitfit_peft.card import write_card
+
 from .data import get_task, load_task, subsample, tokenize
 from .metrics import compute_metrics
 from .modeling import apply_method, build_base_model, count_parameters, resolve_pooling
@@ -347,6 +349,9 @@ def write_results(s: Session, state: TrainState) -> dict[str, Any]:
         json.dump(results, f, indent=2)
     os.replace(tmp, os.path.join(args.output_dir, "results.json"))
     best = results["best"]
+    if args.method == "bitfit" and os.path.isfile(os.path.join(args.output_dir, "adapter_config.json")):
+        # the best adapter's model card shows the dev metric it was kept for (bitfit_peft.card)
+        write_card(args.output_dir, metrics={f"dev {task.main_metric}": float(best[task.main_metric])}, task=task.name)
     print(
         f"dev {task.main_metric}: {best[task.main_metric]:.4f} (best epoch {best['epoch']}) | trainable "
         f"parameters: {s.trainable:,} of {s.total:,} ({100 * s.trainable / s.total:.3f}%) | adapter on disk: "
