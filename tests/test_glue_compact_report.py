@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
+import compact_report  # examples/glue is on the path through pyproject's [tool.pytest.ini_options] pythonpath
+import compact_sizes
 import pytest
 import torch
-from glue_helpers import EXAMPLE_DIR
 
 torch.set_num_threads(1)
-sys.path.insert(0, str(EXAMPLE_DIR))
-import compact_report  # noqa: E402
-import compact_sizes  # noqa: E402
-
-sys.path.remove(str(EXAMPLE_DIR))
 
 
 def _eval(tmp: pathlib.Path, seed: int, acc: float) -> str:

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import sys
 
 import pytest
 import torch
-from glue_helpers import EXAMPLE_DIR, make_tiny_glue, make_tiny_model
+from glue_helpers import make_tiny_glue, make_tiny_model
 from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -137,11 +136,8 @@ def test_init_adapter_must_fit_the_model(tiny: dict[str, str], tmp_path: pathlib
 
 def test_eval_compact_scores_forms_and_compact_files(tiny: dict[str, str], tmp_path: pathlib.Path) -> None:
     """eval_compact.py: the original scores what train.py recorded; float32 loses nothing; a compact dir loads."""
-    sys.path.insert(0, str(EXAMPLE_DIR))
-    try:
-        import eval_compact
-    finally:
-        sys.path.remove(str(EXAMPLE_DIR))
+    import eval_compact  # examples/glue is on the path through pyproject's [tool.pytest.ini_options] pythonpath
+
     dense = json.loads((pathlib.Path(tiny["dense"]) / "results.json").read_text())
     out = eval_compact.run(tiny["dense"], "sst2", tiny["data"], ["float32", "int8:0.25"], tiny["model"], 128)
     original, fp32, sparse = out["results"]

@@ -474,7 +474,7 @@ def test_real_minilm_with_adapters_trained_by_the_glue_example(tmp_path: Path) -
     sources = {"sst2": SHARED_DATA / "glue", "trec": SHARED_DATA / "sentence"}
     if not (sources["sst2"] / "SST-2" / "train.tsv").is_file() or not (sources["trec"] / "TREC.train.all").is_file():
         pytest.skip(f"{SHARED_DATA} (../shared/data) is absent")
-    import train  # examples/glue, on sys.path through glue_helpers
+    import train  # examples/glue, on the path through pyproject's pytest pythonpath
 
     base, adapters = str(minilm.get_model_path()), tmp_path / "adapters"
     for task, data in sources.items():
