@@ -376,6 +376,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         retrain(s, state)
     s.bar.close()
     results = write_results(s, state)
+    # Every rank waits for the main one to finish writing before the process group is torn down (end_training): a
+    # rank that tears it down while the other still writes can leave that one hanging at exit.
+    s.accelerator.wait_for_everyone()
     s.accelerator.end_training()
     return results
 
