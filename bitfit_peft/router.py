@@ -55,7 +55,7 @@ class Router:
             return
         while True:
             routing = self.routing
-            stale = _stale_copies(routing, unique) if routing is not None and _current(routing, model) else None
+            stale = _stale_copies(routing, unique) if routing is not None and _current(routing) else None
             if routing is not None and stale is not None and not stale:
                 lock.acquire_read()
                 if self.routing is routing:
@@ -88,7 +88,7 @@ def _probe(model: nn.Module) -> tuple[torch.Tensor | None, torch.device | None]:
     return param, None if param is None else param.device
 
 
-def _current(routing: Routing, model: nn.Module) -> bool:
+def _current(routing: Routing) -> bool:
     """Whether no delta Parameter was added, replaced or removed and the model did not move since the build."""
     count, probe, device = routing.key
     return count == Changes.count and (probe is None or probe.device == device)

@@ -257,7 +257,7 @@ def mixed_batch(batch: MixedBatch) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
-def check_names(names: Sequence[str], known: Mapping[str, int]) -> list[str]:
+def check_names(names: Sequence[str], known: Mapping[str, Any]) -> list[str]:
     """Validate `adapter_names`: a list of str, each a routable adapter or `"__base__"`."""
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise TypeError(
