@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import re
 import signal
@@ -392,15 +393,34 @@ def test_cli_flags_and_bad_paths(served: tuple[Path, Path], capsys: pytest.Captu
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(
-        ["serve", "--base", "b", "--adapters", "a", "--max-batch-size", "8", "--api-key-env", "K"]
+        [
+            "serve",
+            "--base",
+            "b",
+            "--adapters",
+            "a",
+            "--max-batch-size",
+            "8",
+            "--api-key-env",
+            "K",
+            "--forward-cost-tokens",
+            "inf",
+        ]  # fmt: skip
     )
     made = settings_from_args(args, environ={"K": "key"})
-    assert (made.max_batch_size, made.api_key, made.host) == (8, "key", "127.0.0.1")
+    assert (made.max_batch_size, made.api_key, made.host, made.forward_cost_tokens) == (
+        8,
+        "key",
+        "127.0.0.1",
+        math.inf,
+    )
     assert settings_from_args(args, environ={}).api_key is None
     assert cli_main(["serve", "--base", str(served[0]), "--adapters", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err
     assert cli_main(["serve", "--base", str(served[0]), "--adapters", str(served[1]), "--max-queue", "0"]) == 2
     assert "max_queue must be at least 1" in capsys.readouterr().err
+    assert cli_main(["serve", "--base", str(served[0]), "--adapters", str(served[1]), "--forward-cost-tokens", "-1"]) == 2  # fmt: skip
+    assert "forward_cost_tokens must be a number of tokens >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

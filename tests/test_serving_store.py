@@ -3,6 +3,7 @@ mixed forward, refuses adapters it cannot serve, and adds/replaces/removes tasks
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import threading
@@ -13,6 +14,7 @@ import torch
 from serving_helpers import base_model, offline, save_adapter, save_base, text
 
 from bitfit_peft.serving import AdapterError, GenerationRequest, TaskStore, UnknownTaskError
+from bitfit_peft.serving.chunks import plan_chunks
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -55,18 +57,56 @@ def test_mixed_call_over_tasks_with_different_heads_equals_each_task_alone(serve
     assert store.task("sim").problem == "regression" and store.task("sim").labels == []
 
 
-def test_roberta_two_layer_heads_and_many_small_batches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cost", [0.0, 32.0, math.inf])
+def test_roberta_two_layer_heads_and_batches_cut_by_length(tmp_path: Path, cost: float) -> None:
     base = save_base(tmp_path / "base", "roberta")
     for i in range(5):
         save_adapter(
             base, tmp_path / "adapters" / f"t{i}", num_labels=2 + i, seed=i, bias_terms=["query", "intermediate"]
         )
-    store = TaskStore.open(str(base), str(tmp_path / "adapters"))
+    store = TaskStore.open(str(base), str(tmp_path / "adapters"), forward_cost_tokens=cost)
     items = [(f"t{i % 5}", text(i)) for i in range(12)]
+    shapes: list[tuple[int, ...]] = []
+    hook = store.model.register_forward_pre_hook(lambda _, args, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)  # fmt: skip
     got = store.predict(items, batch_size=5)  # several forwards, sorted by length, caller's order kept
+    hook.remove()
     for (task, inputs), pred in zip(items, got, strict=True):
         want = offline(base, tmp_path / "adapters" / task, 2 + int(task[1]), inputs)
         assert torch.allclose(torch.tensor(pred.logits), want, atol=1e-5)
+    lengths = sorted(len(store.tokenizer(inputs)["input_ids"]) for _, inputs in items)
+    assert [rows for rows, _ in shapes] == [end - start for start, end in plan_chunks(lengths, 5, cost)]
+    if cost == 0:  # padding costs more than any forward: each forward holds rows of one length
+        assert [length for _, length in shapes] == sorted(set(lengths))
+    elif math.isinf(cost):  # one forward per batch_size items, as without the plan
+        assert [rows for rows, _ in shapes] == [5, 5, 2]
+
+
+def test_plan_chunks_is_the_cheapest_cut_and_refuses_bad_arguments() -> None:
+    import itertools
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = sorted(rng.randint(1, 60) for _ in range(rng.randint(1, 9)))
+        max_rows, cost = rng.randint(1, 6), rng.choice([0.0, 5.0, 30.0, 200.0])
+
+        def total(chunks: list[tuple[int, int]], lengths: list[int] = lengths, cost: float = cost) -> float:
+            return sum(cost + (end - start) * lengths[end - 1] for start, end in chunks)
+
+        best = math.inf  # every way to cut: each gap between two rows is a cut or not
+        for cuts in itertools.product([False, True], repeat=len(lengths) - 1):
+            bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [len(lengths)]
+            chunks = list(itertools.pairwise(bounds))
+            if all(end - start <= max_rows for start, end in chunks):
+                best = min(best, total(chunks))
+        plan = plan_chunks(lengths, max_rows, cost)
+        assert [i for c in plan for i in range(*c)] == list(range(len(lengths)))
+        assert all(end - start <= max_rows for start, end in plan) and total(plan) == best
+    with pytest.raises(ValueError, match="sorted ascending"):
+        plan_chunks([3, 1], 4, 1.0)
+    with pytest.raises(ValueError, match="forward_cost must be a number of tokens"):
+        plan_chunks([1], 4, -1.0)
+    with pytest.raises(ValueError, match="max_rows must be at least 1"):
+        plan_chunks([1], 0, 1.0)
 
 
 def test_bad_adapters_are_refused_by_name_and_the_others_served(served: tuple[Path, Path], tmp_path: Path) -> None:

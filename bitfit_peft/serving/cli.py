@@ -40,6 +40,13 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="Largest max_new_tokens a request may ask.")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="Model dtype.")
     p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...).")
+    p.add_argument(
+        "--forward-cost-tokens",
+        type=float,
+        default=None,
+        help="What one more forward costs, in padded tokens: micro-batches are sorted by length and cut where padding "
+        "costs more (default: 32 on CPU, measured; one forward per batch on other devices; inf: never cut).",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice).")
     p.add_argument(
         "--api-key-env",
@@ -74,6 +81,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         max_new_tokens=args.max_new_tokens,
         dtype=args.dtype,
         device=args.device,
+        forward_cost_tokens=args.forward_cost_tokens,
         threads=args.threads,
         api_key=env.get(args.api_key_env) or None,
         request_timeout_s=args.request_timeout,

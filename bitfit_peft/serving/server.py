@@ -68,6 +68,7 @@ def create_app(settings: ServeSettings, store: TaskStore | None = None) -> FastA
                 dtype=settings.dtype,
                 device=settings.device,
                 max_length=settings.max_length,
+                forward_cost_tokens=settings.forward_cost_tokens,
             )
         for name, reason in getattr(svc.store, "refused", {}).items():
             logger.warning("adapter %r is not served: %s", name, reason)

@@ -34,6 +34,8 @@ class ServeSettings:
         max_items_per_request: most items in one mixed request (413 beyond).
         max_new_tokens: the largest `max_new_tokens` a generation request may ask for.
         dtype, device: how the store loads the base model.
+        forward_cost_tokens: what one more forward costs in padded tokens: each micro-batch is sorted by length
+            and cut where padding would cost more (`TaskStore.open`); None: 32 on CPU, one forward elsewhere.
         threads: torch intra-op threads (set by the CLI; None leaves torch's default).
         api_key: if set, admin routes need `Authorization: Bearer <api_key>`.
         request_timeout_s: a request still waiting for its result after this gets 504.
@@ -54,6 +56,7 @@ class ServeSettings:
     max_new_tokens: int = 256
     dtype: str = "float32"
     device: str = "cpu"
+    forward_cost_tokens: float | None = None
     threads: int | None = None
     api_key: str | None = None
     request_timeout_s: float = 60.0
@@ -68,6 +71,11 @@ class ServeSettings:
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
             raise ValueError(
                 f"max_wait_ms must be >= 0 and request_timeout_s > 0, got {self.max_wait_ms} and {self.request_timeout_s}."
+            )
+        if self.forward_cost_tokens is not None and not self.forward_cost_tokens >= 0:
+            raise ValueError(
+                f"forward_cost_tokens must be a number of tokens >= 0 (inf: one forward per batch), "
+                f"got {self.forward_cost_tokens}."
             )
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key is empty: pass a non-empty key, or None to leave the admin routes open.")
