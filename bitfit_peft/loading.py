@@ -10,8 +10,11 @@ PeftModel (transformers' `load_adapter`, which reads tensors by name and never c
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import warnings
 import weakref
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -201,13 +204,24 @@ def _load_state(model_id: str | dict[str, torch.Tensor], device: torch.device | 
     return load_peft_weights(model_id, device=str(device))  # decoded by the caller
 
 
+def _saved_config(model_id: str | dict[str, torch.Tensor]) -> Any:
+    """The adapter_config.json of a local adapter directory (its recorded fingerprint), or None."""
+    path = os.path.join(model_id, "adapter_config.json") if isinstance(model_id, str) else ""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return SimpleNamespace(**json.load(f))
+
+
 def hotswap_adapter(model: nn.Module, model_id: str | dict[str, torch.Tensor], adapter_name: str = "default") -> None:
     """Replace the values of a loaded adapter in place, keeping the same Parameter objects.
 
     The swap is atomic for mixed-adapter calls running in other threads: it waits for the calls in flight, and
     every later call sees only the new values. Because the Parameters (and their shapes) stay the same, a model
     compiled with `torch.compile` does not recompile, and optimizers or mixed-batch tables that hold them see the
-    new values. Everything is checked before the first write: on error the model is unchanged.
+    new values. Everything is checked before the first write: on error the model is unchanged. A directory's
+    recorded base fingerprint is checked as `PeftModel.from_pretrained` checks it (a warning, or a `ValueError`
+    under `files.load_policy(on_fingerprint_mismatch="error")`).
 
     Args:
         model (`PeftModel`): a model with a BitFit adapter `adapter_name`.
@@ -245,6 +259,11 @@ def hotswap_adapter(model: nn.Module, model_id: str | dict[str, torch.Tensor], a
                 f"Cannot hotswap {key}: shape {tuple(state[key].shape)} in the checkpoint, {tuple(param.shape)} "
                 "in the model."
             )
+    saved = _saved_config(model_id)
+    if saved is not None:
+        problem = check_fingerprint(model, saved, [k for k in state if is_delta_key(k)])
+        if problem:
+            raise ValueError(f"Cannot hotswap adapter {adapter_name!r}: {problem} The model was left as it was.")
     # Under the model's writer lock: mixed calls in flight finish first, later ones see only the new values.
     tuner = getattr(model, "base_model", model)
     with router_for(tuner).lock.write(), torch.no_grad():

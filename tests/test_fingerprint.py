@@ -115,6 +115,27 @@ def test_load_warns_on_another_base_raises_on_request_and_is_silent_on_the_same(
     assert_same(before, snapshot(base))
 
 
+def test_hotswap_checks_the_fingerprint_like_a_load(tmp_path) -> None:
+    from test_core import assert_same, snapshot
+
+    from bitfit_peft import hotswap_adapter
+    from bitfit_peft.files import load_policy
+
+    config = BitFitConfig(task_type="SEQ_CLS", bias_terms=["query", "intermediate"], init_weights=False)
+    model = get_peft_model(_bert(1), config)
+    other, same = _saved_adapter(_bert(0), tmp_path / "other"), _saved_adapter(_bert(1), tmp_path / "same")
+    before = snapshot(model)
+    with load_policy(on_fingerprint_mismatch="error"), pytest.raises(ValueError, match="Cannot hotswap.*left as it"):
+        hotswap_adapter(model, other)
+    assert_same(before, snapshot(model))
+    with pytest.warns(UserWarning, match=rf"fingerprint {fingerprint(_bert(0), TARGETS)}"):
+        hotswap_adapter(model, other)  # the default policy warns and swaps
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        hotswap_adapter(model, same)
+    assert _our_warnings(record) == []
+
+
 def test_adapters_without_a_fingerprint_load_silently(tmp_path) -> None:
     from peft import PeftModel
 
