@@ -285,8 +285,8 @@ def _report(out: dict[str, Any], cfg: dict[str, Any]) -> None:
     })  # fmt: skip
     out["notes"] = [
         f"Base: {out['config']['base']} (mean pooling) on {out['config']['device']} in {out['config']['dtype']}, "
-        f"{out['config']['server_threads']} torch thread(s) per server process, max batch {MAX_BATCH}, max wait {MAX_WAIT_MS:.0f} ms. Texts: SST-2 dev. Client and servers share "
-        "the machine's cores.",
+        f"{out['config']['server_threads']} torch thread(s) per server process, max batch {MAX_BATCH}, max wait "
+        f"{MAX_WAIT_MS:.0f} ms. Texts: SST-2 dev. Client and servers share the machine's cores.",
         "(b) is a second app in the (a) process over the same store, whose batcher calls `store.predict` once per "
         "task of each batch. (c) holds fewer adapters than (a): peft's add_adapter grows with the adapters resident.",
         "p99 target: the open-loop p99 over max-wait + 2 × (a)'s mean model time per batch at saturation (full "

@@ -17,10 +17,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["CPU_FORWARD_COST", "plan_chunks"]
+__all__ = ["CPU_FORWARD_COST", "check_forward_cost", "plan_chunks"]
 
 CPU_FORWARD_COST = 32.0
 """Default `forward_cost` on CPU, in padded tokens (see the module doc for the measurement)."""
+
+
+def check_forward_cost(value: float, name: str = "forward_cost") -> None:
+    """Refuse a forward cost that is not a number of tokens ≥ 0 (`math.inf` allowed), naming the setting `name`."""
+    if not value >= 0:
+        raise ValueError(f"{name} must be a number of tokens >= 0 (inf: one forward per batch), got {value}.")
 
 
 def plan_chunks(lengths: Sequence[int], max_rows: int, forward_cost: float) -> list[tuple[int, int]]:
@@ -43,8 +49,7 @@ def plan_chunks(lengths: Sequence[int], max_rows: int, forward_cost: float) -> l
     """
     if max_rows < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}.")
-    if not forward_cost >= 0:
-        raise ValueError(f"forward_cost must be a number of tokens ≥ 0 (or math.inf), got {forward_cost}.")
+    check_forward_cost(forward_cost)
     if any(b < a for a, b in zip(lengths, lengths[1:], strict=False)):
         raise ValueError("lengths must be sorted ascending: sort the rows by length before planning chunks.")
     n = len(lengths)

@@ -11,6 +11,7 @@ from typing import Any
 
 from . import Prediction, TaskInfo, UnknownTaskError
 from .batcher import Batcher, DrainingError, QueueFullError
+from .chunks import check_forward_cost
 from .metrics import ServerMetrics
 from .schemas import Inputs, PredictResponse, TaskCard
 
@@ -72,11 +73,8 @@ class ServeSettings:
             raise ValueError(
                 f"max_wait_ms must be >= 0 and request_timeout_s > 0, got {self.max_wait_ms} and {self.request_timeout_s}."
             )
-        if self.forward_cost_tokens is not None and not self.forward_cost_tokens >= 0:
-            raise ValueError(
-                f"forward_cost_tokens must be a number of tokens >= 0 (inf: one forward per batch), "
-                f"got {self.forward_cost_tokens}."
-            )
+        if self.forward_cost_tokens is not None:
+            check_forward_cost(self.forward_cost_tokens, "forward_cost_tokens")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key is empty: pass a non-empty key, or None to leave the admin routes open.")
 

@@ -25,7 +25,7 @@ from ..constants import BASE
 from ..router import install_token_hook
 from ..routing import MixedBatch, Routing, RWLock, mixed_batch
 from .adapters import AdapterError, UnknownTaskError, read_adapter, scan
-from .chunks import CPU_FORWARD_COST, plan_chunks
+from .chunks import CPU_FORWARD_COST, check_forward_cost, plan_chunks
 from .model import build_base, mean_pooling_head, wrap_heads, wrap_layers
 from .prepare import Preparer, TaskInfo, head_keys, task_type
 from .tables import Tables
@@ -85,7 +85,7 @@ class TaskStore:
         self.device = next(model.parameters()).device  # (MeanPooledSequenceClassifier has no `.device`)
         if forward_cost_tokens is None:
             forward_cost_tokens = CPU_FORWARD_COST if self.device.type == "cpu" else math.inf
-        plan_chunks([], 1, forward_cost_tokens)  # validates it
+        check_forward_cost(forward_cost_tokens, "forward_cost_tokens")
         self.forward_cost_tokens = forward_cost_tokens
         self.lock = RWLock()
         self.routing = Routing(slots={})
@@ -270,8 +270,9 @@ class TaskStore:
         if self.kind != "classifier":
             raise ValueError("This store serves a generator (causal LM): call generate(), not predict().")
         encoded = [self._encode(inputs) for _, inputs in items]
-        order = sorted(range(len(items)), key=lambda i: len(encoded[i]["input_ids"]))
-        lengths = [len(encoded[i]["input_ids"]) for i in order]
+        sizes = [len(e["input_ids"]) for e in encoded]
+        order = sorted(range(len(items)), key=sizes.__getitem__)
+        lengths = [sizes[i] for i in order]
         results: list[Prediction | None] = [None] * len(items)
         with self.lock.read():
             self._check_tasks([task for task, _ in items])
