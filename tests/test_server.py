@@ -31,6 +31,7 @@ from serving_helpers import save_adapter, save_base, text  # noqa: E402
 from bitfit_peft.serving import TaskStore  # noqa: E402
 from bitfit_peft.serving.batcher import Batcher  # noqa: E402
 from bitfit_peft.serving.cli import main as cli_main  # noqa: E402
+from bitfit_peft.serving.errors import BadInputError  # noqa: E402
 from bitfit_peft.serving.server import ServeSettings, create_app  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -128,14 +129,14 @@ class GatedStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def predict(self, items: list[tuple[str, Any]]) -> list[Any]:
+    def predict_outcomes(self, items: list[tuple[str, Any, bool]]) -> list[Any]:
         self.entered.set()
         if not self.release.wait(30):
             raise RuntimeError("gate never opened")
         self.calls.append(len(items))
-        if any(inputs == "poison" for _, inputs in items):
-            raise ValueError("this input poisons the batch")
-        return self.inner.predict(items)
+        if any(inputs == "poison" for _, inputs, *_ in items):
+            raise BadInputError("this input poisons the batch")
+        return self.inner.predict_outcomes(items)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -162,7 +163,8 @@ def test_every_task_answers_its_offline_prediction_and_lists_itself(served: tupl
         assert client.get("/health").json() == {"status": "ok"} and client.get("/ready").status_code == 200
         assert client.get("/docs").status_code == 200
         paths = client.get("/openapi.json").json()["paths"]
-        assert {"/v1/predict", "/v1/predict/batch", "/v1/generate", "/v1/adapters", "/v1/models"} <= set(paths)
+        assert {"/v1/predict", "/v1/predict/batch", "/v1/adapters", "/v1/models"} <= set(paths)
+        assert "/v1/generate" not in paths and "/v1/chat/completions" not in paths  # a classifier base
 
 
 def test_hundreds_of_concurrent_requests_over_18_tasks_never_cross_and_batch_across_tasks(
@@ -220,7 +222,8 @@ def test_errors_answer_with_their_code_and_message(served: tuple[Path, Path], st
         r = client.post("/v1/predict/batch", json={"items": []})
         assert r.status_code == 422
         r = client.post("/v1/generate", json={"task": "t00", "prompt": "w1"})
-        assert r.status_code == 400 and "cannot generate" in r.json()["error"]
+        assert r.status_code == 404  # a classifier base serves no generation route (nor lists one in its schema)
+        assert "/v1/generate" not in client.get("/openapi.json").json()["paths"]
         for task in TASKS[:4]:
             client.post("/v1/predict", json={"task": task, "inputs": "w1"})
         body = client.get("/metrics").text

@@ -15,6 +15,9 @@ import torch
 
 from ..constants import DELTA_ATTR, PEFT_TYPE_NAME, strip_peft_prefix
 from ..files import read_adapter_weights
+from .errors import AdapterError, UnknownTaskError
+
+__all__ = ["AdapterError", "AdapterFile", "UnknownTaskError", "read_adapter", "scan"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,22 +32,6 @@ SELECTION_FIELDS = (
     "add_missing_bias",
     "task_type",
 )
-
-
-class AdapterError(ValueError):
-    """An adapter cannot be served; the message names it and says what to do."""
-
-
-class UnknownTaskError(KeyError):
-    """A task that is not loaded; the message lists the tasks that are."""
-
-    def __init__(self, task: str, known: list[str]) -> None:
-        self.task, self.known = task, known
-        shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "")
-        super().__init__(f"Unknown task {task!r}. Loaded tasks ({len(known)}): {shown or 'none'}.")
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 @dataclass

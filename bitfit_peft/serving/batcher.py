@@ -28,21 +28,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import GenerationRequest, Prediction
+from .errors import DrainingError, OverloadedError, ServingError
+from .store import GenerationRequest, Prediction
 
-__all__ = ["BatchStats", "BatchObserver", "Batcher", "DrainingError", "PredictItem", "QueueFullError"]
+__all__ = ["BatchStats", "BatchObserver", "Batcher", "PredictItem"]
 
 logger = logging.getLogger(__name__)
 
-PredictItem = tuple[str, str | tuple[str, str]]  # (task, text or text pair)
-
-
-class QueueFullError(RuntimeError):
-    """The queue cannot take the submitted items now; retry later (HTTP 429)."""
-
-
-class DrainingError(RuntimeError):
-    """The batcher is closing (or not started) and takes no new work (HTTP 503)."""
+PredictItem = tuple[str, str | tuple[str, str]] | tuple[str, str | tuple[str, str], bool]  # (task, inputs[, truncate])
 
 
 @dataclass(frozen=True)
@@ -93,7 +86,7 @@ class Batcher:
         store: anything with the `TaskStore` methods `predict(items)` and `generate(requests)`.
         max_batch_size: most items per batch (prediction and generation items together).
         max_wait_ms: how long a batch waits for more items after its first one was queued.
-        max_queue: most items waiting at once; `submit` raises `QueueFullError` beyond it.
+        max_queue: most items waiting at once; `submit` raises `OverloadedError` beyond it.
         observer: optional receiver of `BatchStats` and queue depths (e.g. Prometheus metrics).
     """
 
@@ -168,14 +161,14 @@ class Batcher:
     def submit(self, works: Sequence[Any]) -> list[Future]:
         """Queue prediction items `(task, inputs)` and `GenerationRequest` objects, all or none; one future per work.
 
-        Raises `DrainingError` when not accepting, `QueueFullError` when they do not all fit in the queue.
+        Raises `DrainingError` when not accepting, `OverloadedError` when they do not all fit in the queue.
         """
         items = [_Item(w.task if isinstance(w, GenerationRequest) else w[0], w) for w in works]
         with self._cond:
             if not self._accepting:
                 raise DrainingError("The server is shutting down (or not started) and takes no new requests.")
             if len(self._queue) + len(items) > self.max_queue:
-                raise QueueFullError(
+                raise OverloadedError(
                     f"The queue is full ({len(self._queue)} of {self.max_queue} items waiting, {len(items)} "
                     "submitted): retry later, or start the server with a larger --max-queue."
                 )
@@ -241,7 +234,7 @@ class Batcher:
         generates = [item for item in live if item.generate]
         failed = 0
         if predicts:
-            failed += self._call(predicts, self.store.predict)
+            failed += self._call(predicts, self.store.predict_outcomes)
         if generates:
             failed += self._call(generates, self.store.generate)
         if self.observer is not None:
@@ -278,9 +271,14 @@ class Batcher:
                 else:
                     _settle(item.future, result, None)
             return failed
-        for item, result in zip(items, results, strict=True):
-            _settle(item.future, result, None)
-        return 0
+        failed = 0
+        for item, result in zip(
+            items, results, strict=True
+        ):  # `predict_outcomes` puts an item's own error in its place
+            error = result if isinstance(result, ServingError) else None
+            _settle(item.future, None if error else result, error)
+            failed += error is not None
+        return failed
 
 
 def _settle(future: Future, result: Any, exc: BaseException | None) -> None:

@@ -9,12 +9,14 @@ mixed-task requests under `mixed`, so a client sending arbitrary names cannot gr
 from __future__ import annotations
 
 import threading
+import time
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .batcher import BatchStats
 
-__all__ = ["MIXED", "OTHER", "UNKNOWN", "ServerMetrics", "TaskLabels"]
+__all__ = ["MIXED", "OTHER", "UNKNOWN", "MetricsMiddleware", "ServerMetrics", "TaskLabels"]
 
 OTHER, UNKNOWN, MIXED = "other", "unknown", "mixed"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -113,3 +115,34 @@ class ServerMetrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """ASGI middleware: counts and times every request of an `inference`-tagged route by route, task and status.
+
+    The route sets its task's bounded label in `request.state.task` (requests that fail validation before that
+    count as `unknown`); other routes (health, listing, admin) are not counted. One place for request metrics,
+    so routes carry no timing code. A streaming answer is timed to its last byte.
+    """
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), [500]
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            if route is not None and "inference" in (getattr(route, "tags", None) or ()):
+                task = (scope.get("state") or {}).get("task", UNKNOWN)
+                self.metrics.observe_request(route.path, task, status[0], time.perf_counter() - started)

@@ -1,14 +1,20 @@
-"""Request and response bodies of the HTTP server, as pydantic models (validated on arrival, documented at /docs).
+"""Request bodies of the HTTP server as pydantic models (validated on arrival, documented at /docs), and the few
+responses that are HTTP-only. The engine's own types (`TaskInfo`, `Prediction`) are answered as they are: FastAPI
+documents and serialises those dataclasses directly, so there is one type per concept.
 
-A field that fails validation becomes a 422 that names it (FastAPI's `detail` list). Requests name their task in
-`task`; `model` (vLLM, OpenAI) and `adapter_id` (LoRAX) are accepted as aliases so existing clients carry over.
+A field that fails validation becomes a 422 that names it (a 400 in OpenAI's shape on the OpenAI routes). Every
+constraint the server enforces on a field is stated here, so the OpenAPI schema says what the server takes.
+Requests name their task in `task`; `model` (vLLM, OpenAI) and `adapter_id` (LoRAX) are accepted as aliases.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, WithJsonSchema
+
+from .prepare import TaskInfo
+from .store import Prediction
 
 __all__ = [
     "AdapterLoadRequest",
@@ -21,13 +27,31 @@ __all__ = [
     "GenerateResponse",
     "ModelCard",
     "ModelList",
+    "PredictItem",
     "PredictRequest",
-    "PredictResponse",
-    "TaskCard",
+    "Inputs",
+    "NonBlank",
 ]
 
 TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-Inputs = str | tuple[str, str]
+# A text with at least one non-space character: the pattern is the schema's statement of the server's check.
+_TEXT = {"type": "string", "minLength": 1, "pattern": r"\S"}
+
+
+def _not_blank(value: Any) -> Any:
+    texts = [value] if isinstance(value, str) else list(value)
+    if any(not text.strip() for text in texts):
+        raise ValueError("input text is empty (or only whitespace): send at least one word")
+    return value
+
+
+# Checked by `_not_blank` (one clear message, located at the field); the schema states the same rule.
+NonBlank = Annotated[str, AfterValidator(_not_blank), WithJsonSchema(_TEXT)]
+Inputs = Annotated[
+    str | tuple[str, str],
+    AfterValidator(_not_blank),
+    WithJsonSchema({"anyOf": [_TEXT, {"type": "array", "prefixItems": [_TEXT, _TEXT], "minItems": 2, "maxItems": 2}]}),
+]
 _TASK = Field(
     validation_alias=AliasChoices("task", "model", "adapter_id"),
     min_length=1,
@@ -36,32 +60,18 @@ _TASK = Field(
 )
 
 
-def _not_blank(inputs: Inputs) -> Inputs:
-    texts = [inputs] if isinstance(inputs, str) else list(inputs)
-    if any(not text.strip() for text in texts):
-        raise ValueError("input text is empty (or only whitespace): send at least one word")
-    return inputs
-
-
-class PredictRequest(BaseModel):
-    """One input for one task: a text, or a text pair `["first", "second"]` for pair tasks (like TEI's /predict)."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    task: str = _TASK
-    inputs: Inputs = Field(description="A text, or a pair of texts for sentence-pair tasks.")
-    truncate: bool = Field(False, description="Truncate inputs longer than --max-length tokens instead of a 413.")
-
-    _check = field_validator("inputs")(_not_blank)
-
-
 class PredictItem(BaseModel):
-    """One (task, inputs) item of a mixed request."""
+    """One (task, inputs) item of a mixed request: a text, or a text pair `["first", "second"]`."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     task: str = _TASK
-    inputs: Inputs
+    inputs: Inputs = Field(description="A text, or a pair of texts for sentence-pair tasks; neither may be blank.")
 
-    _check = field_validator("inputs")(_not_blank)
+
+class PredictRequest(PredictItem):
+    """One input for one task (like TEI's /predict)."""
+
+    truncate: bool = Field(False, description="Truncate inputs longer than --max-length tokens instead of a 413.")
 
 
 class BatchPredictRequest(BaseModel):
@@ -72,52 +82,25 @@ class BatchPredictRequest(BaseModel):
     truncate: bool = Field(False, description="Truncate inputs longer than --max-length tokens instead of a 413.")
 
 
-class PredictResponse(BaseModel):
-    task: str
-    label: str | None = Field(description="The most probable label; null for regression tasks.")
-    scores: dict[str, float] = Field(description="Softmax probability per label; empty for regression tasks.")
-    score: float | None = Field(description="The regression value; null for classification tasks.")
-    logits: list[float]
-
-
 class BatchPredictResponse(BaseModel):
-    predictions: list[PredictResponse]
+    predictions: list[Prediction]
 
 
 class GenerateRequest(BaseModel):
-    """A prompt for a task of a decoder base (vLLM/LoRAX sampling parameter names)."""
+    """A prompt for a task of a decoder base (vLLM/LoRAX sampling parameter names; greedy unless `do_sample`)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     task: str = _TASK
-    prompt: str = Field(min_length=1)
+    prompt: NonBlank = Field(description="A non-blank prompt.")
     max_new_tokens: int = Field(32, ge=1, le=4096)
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     do_sample: bool = False
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, prompt: str) -> str:
-        return str(_not_blank(prompt))
-
 
 class GenerateResponse(BaseModel):
     task: str
     generated_text: str
-
-
-class TaskCard(BaseModel):
-    """What the server knows about one loaded task (the store's `TaskInfo`)."""
-
-    name: str
-    problem: str
-    labels: list[str]
-    bias_terms: list[str] | None
-    size_bytes: int
-    params: int
-    path: str
-    loaded_at: float
-    fingerprint: str | None
 
 
 class ModelCard(BaseModel):
@@ -130,7 +113,7 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None
     kind: str | None = Field(None, description="For the base: 'classifier' or 'generator'.")
-    bitfit: TaskCard | None = Field(None, description="For a task: its BitFit adapter.")
+    bitfit: TaskInfo | None = Field(None, description="For a task: its BitFit adapter.")
 
 
 class ModelList(BaseModel):
@@ -159,13 +142,15 @@ class AdapterResponse(BaseModel):
     operation: Literal["load", "hotswap", "unload"]
     name: str
     seconds: float
-    task: TaskCard | None = None
+    task: TaskInfo | None = None
 
 
 class ErrorResponse(BaseModel):
-    """Every error but field validation (422 `detail`): a message that says what to do, and its type."""
+    """Every error outside the OpenAI routes: a message that says what to do, and its type. Field validation
+    (422) adds `detail`, FastAPI's list of failing fields; a 500 adds the `request_id` that the server logged."""
 
     error: str
     error_type: str
     tasks: list[str] | None = None
     detail: Any = None
+    request_id: str | None = None

@@ -1,23 +1,31 @@
-"""What the HTTP server's handlers share: `ServeSettings`, `ApiError`, the per-app `Service` (store, batcher,
-metrics, request checks) and the conversions from the store's types to the response schemas."""
+"""What the HTTP routes share: `ServeSettings` and the per-app `Service` (store, batcher, generation engine,
+metrics), reached by the routes through the `Svc` dependency.
+
+The service owns the engine's lifetime (`start` / `close`, run by the app's lifespan) and the two things every
+route needs: `run` (queue items on the batcher and await them, off the event loop) and `resolve_adapter_path` (the
+admin routes' path check). It raises `serving.errors` types only; the app maps them to status codes in one place.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from . import Prediction, TaskInfo, UnknownTaskError
-from .batcher import Batcher, DrainingError, QueueFullError
+from fastapi import Depends, Request
+
+from .batcher import Batcher
 from .chunks import check_forward_cost
+from .errors import ForbiddenPathError, MissingAdapterError, ServingError, StartingError, TimedOutError
 from .metrics import ServerMetrics
-from .schemas import Inputs, PredictResponse, TaskCard
+from .store import TaskStore
 
-__all__ = ["ApiError", "ServeSettings", "Service", "answer", "card", "known", "plain_errors"]
+__all__ = ["ServeSettings", "Service", "Svc", "service"]
 
-LISTED_TASKS = 50  # an unknown-task 404 lists at most this many names (GET /v1/models lists them all)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,11 @@ class ServeSettings:
         max_queue: most items waiting at once; beyond it requests get 429 with `Retry-After`.
         max_length: longest input in tokens; longer ones get 413 unless the request asks `"truncate": true`.
         max_items_per_request: most items in one mixed request (413 beyond).
-        max_new_tokens: the largest `max_new_tokens` a generation request may ask for.
+        max_new_tokens: the largest `max_tokens` (`max_new_tokens`) a generation request may ask for.
+        max_tokens_in_flight: generation's KV budget: prompt + `max_tokens` of every running request, summed;
+            a request that does not fit gets 429 with `Retry-After`.
+        max_running: most generation requests decoding at once (rows of the running batch).
+        prefill_chunk: prompt tokens prefilled per engine step, so a long prompt does not stall running decodes.
         dtype, device: how the store loads the base model.
         forward_cost_tokens: what one more forward costs in padded tokens: each micro-batch is sorted by length
             and cut where padding would cost more (`TaskStore.open`); None: 32 on CPU, one forward elsewhere.
@@ -55,6 +67,9 @@ class ServeSettings:
     max_length: int = 128
     max_items_per_request: int = 256
     max_new_tokens: int = 256
+    max_tokens_in_flight: int = 16384
+    max_running: int = 64
+    prefill_chunk: int = 128
     dtype: str = "float32"
     device: str = "cpu"
     forward_cost_tokens: float | None = None
@@ -66,7 +81,8 @@ class ServeSettings:
     drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_length", "max_items_per_request", "max_new_tokens"):
+        for name in ("max_batch_size", "max_queue", "max_length", "max_items_per_request", "max_new_tokens",
+                     "max_tokens_in_flight", "max_running", "prefill_chunk"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
@@ -79,122 +95,99 @@ class ServeSettings:
             raise ValueError("api_key is empty: pass a non-empty key, or None to leave the admin routes open.")
 
 
-class ApiError(Exception):
-    """An HTTP error answered as `ErrorResponse` JSON."""
-
-    def __init__(
-        self, status: int, message: str, error_type: str, headers: dict[str, str] | None = None, **extra: Any
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.error_type, self.headers, self.extra = (
-            status,
-            message,
-            error_type,
-            headers,
-            extra,
-        )
-
-
 class Service:
-    """The app's parts, shared by its handlers (set up by the lifespan)."""
+    """The app's engine and shared parts (see the module docstring).
 
-    def __init__(self, settings: ServeSettings, store: Any | None) -> None:
+    Args:
+        settings: the server settings.
+        store: a `TaskStore` to serve; None opens one from `settings` at startup.
+        kind: `"classifier"` or `"generator"`, which decides the routes; default: the store's, or read from the
+            adapters' configs (`TaskStore.kind_of`).
+    """
+
+    def __init__(self, settings: ServeSettings, store: TaskStore | None, kind: str | None = None) -> None:
         self.settings = settings
         self.store: Any = store
+        self.kind = kind or (store.kind if store is not None else TaskStore.kind_of(settings.base, settings.adapters))
         self.metrics = ServerMetrics(settings.metrics_max_tasks)
         self.batcher: Batcher | None = None
+        self.engine: Any = None  # serving.engine.GenerationEngine for a generator base
         self.admin_lock = asyncio.Lock()
         self.adapters_root = os.path.realpath(settings.adapters)
 
-    def unknown_task(self, task: str, where: str = "") -> ApiError:
-        names = [t.name for t in self.store.tasks()]
-        shown = ", ".join(names[:LISTED_TASKS]) + (f", ... ({len(names)} in all)" if len(names) > LISTED_TASKS else "")
-        return ApiError(
-            404,
-            f"Unknown task {task!r}{where}. Loaded tasks: {shown or 'none'}. GET /v1/models lists them.",
-            "unknown_task",
-            tasks=names[:LISTED_TASKS],
-        )
+    async def start(self) -> None:
+        """Open the store (in a thread) if none was given, and start the batcher or the generation engine."""
+        s = self.settings
+        if self.store is None:
+            self.store = await asyncio.to_thread(
+                TaskStore.open, base=s.base, adapters=s.adapters, dtype=s.dtype, device=s.device,
+                max_length=s.max_length, forward_cost_tokens=s.forward_cost_tokens,
+            )  # fmt: skip
+        for name, reason in getattr(self.store, "refused", {}).items():
+            logger.warning("adapter %r is not served: %s", name, reason)
+        self.metrics.resident.set(len(self.store.tasks()))
+        if self.kind == "generator":
+            from .engine import GenerationEngine
 
-    def check(self, task: str, inputs: Inputs | None, truncate: bool, generate: bool, where: str = "") -> TaskInfo:
-        """Everything that can be said about an item before it is queued: its task exists and fits, its length."""
-        kind = self.store.kind
-        if generate and kind != "generator":
-            raise ApiError(400, f"The base {self.store.base_name!r} is a {kind} (an encoder with task heads): it cannot generate. Use POST /v1/predict.", "wrong_route")  # fmt: skip
-        if not generate and kind == "generator":
-            raise ApiError(400, f"The base {self.store.base_name!r} is a decoder: use POST /v1/generate.", "wrong_route")  # fmt: skip
-        try:
-            info = self.store.task(task)
-        except UnknownTaskError:
-            raise self.unknown_task(task, where) from None
-        if inputs is not None and not truncate:
-            tokens = self.store.count_tokens(inputs)
-            if tokens > self.store.max_length:
-                raise ApiError(
-                    413,
-                    f"Input{where} is {tokens} tokens, more than --max-length {self.store.max_length}: shorten it, "
-                    'or send "truncate": true to cut it to the first tokens.',
-                    "too_long",
-                )
-        return info
+            self.engine = GenerationEngine(
+                self.store, max_tokens_in_flight=s.max_tokens_in_flight, max_running=s.max_running,
+                prefill_chunk=s.prefill_chunk, max_prompt_tokens=s.max_length, observer=self.metrics,
+            )  # fmt: skip
+            self.engine.start()
+            return
+        batcher = Batcher(self.store, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+                          max_queue=s.max_queue, observer=self.metrics)  # fmt: skip
+        batcher.start()
+        self.batcher = batcher
+
+    async def close(self) -> None:
+        """Finish whatever is queued or running (up to `drain_timeout_s`), then stop the worker thread."""
+        for worker in (self.batcher, self.engine):
+            if worker is not None:
+                await asyncio.to_thread(worker.close, self.settings.drain_timeout_s)
+
+    @property
+    def worker(self) -> Any:
+        """The batcher or the generation engine, whichever this base runs."""
+        return self.engine if self.kind == "generator" else self.batcher
 
     async def run(self, works: Sequence[Any]) -> list[Any]:
-        """Queue the works on the batcher and await them, mapping every failure to an `ApiError`."""
-        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        """Queue prediction items on the batcher and await their results (the model runs on its thread). An item's
+        error is raised, marked with the item's index when there are several."""
         if self.batcher is None:
-            raise ApiError(503, "The server is starting: retry shortly.", "unavailable", headers=retry)
+            raise StartingError("The server is starting: retry shortly.")
+        futures = self.batcher.submit(works)
+        waiting = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
         try:
-            return await asyncio.wait_for(self.batcher.run(works), self.settings.request_timeout_s)
-        except QueueFullError as exc:
-            raise ApiError(429, str(exc), "overloaded", headers=retry) from None
-        except DrainingError as exc:
-            raise ApiError(503, str(exc), "unavailable", headers=retry) from None
+            results = await asyncio.wait_for(waiting, self.settings.request_timeout_s)
         except TimeoutError:
-            raise ApiError(504, f"No result within {self.settings.request_timeout_s} s: retry, or raise --request-timeout.", "timeout") from None  # fmt: skip
-        except UnknownTaskError as exc:  # unloaded between the check and its batch
-            raise self.unknown_task(getattr(exc, "task", "?")) from None
-        except ValueError as exc:
-            raise ApiError(422, str(exc), "invalid_input") from None
+            raise TimedOutError(f"No result within {self.settings.request_timeout_s} s: retry, or raise --request-timeout.") from None  # fmt: skip
+        for i, result in enumerate(results):
+            if isinstance(result, BaseException):
+                if len(works) > 1 and isinstance(result, ServingError):
+                    result.args = (f"{result.message} (items[{i}])", *result.args[1:])
+                raise result
+        return list(results)
 
     def resolve_adapter_path(self, path: str) -> str:
+        """The real directory of an admin path: inside the adapters directory (after symlinks), and existing."""
         root = self.adapters_root
         real = os.path.realpath(path if os.path.isabs(path) else os.path.join(root, path))
         if real == root or os.path.commonpath([real, root]) != root:
-            raise ApiError(403, f"Adapter path {path!r} is outside the adapters directory {root}: put the adapter in a folder inside it.", "forbidden_path")  # fmt: skip
+            raise ForbiddenPathError(f"Adapter path {path!r} is outside the adapters directory {root}: put the adapter in a folder inside it.")  # fmt: skip
         if not os.path.isdir(real):
-            raise ApiError(404, f"No adapter directory at {path!r} inside {root}: save the adapter there first.", "missing_adapter")  # fmt: skip
+            raise MissingAdapterError(f"No adapter directory at {path!r} inside {root}: save the adapter there first.")  # fmt: skip
         return real
 
-
-def card(info: TaskInfo) -> TaskCard:
-    return TaskCard(
-        name=info.name,
-        problem=info.problem,
-        labels=list(info.labels),
-        bias_terms=None if info.bias_terms is None else list(info.bias_terms),
-        size_bytes=info.size_bytes,
-        params=info.params,
-        path=info.path,
-        loaded_at=info.loaded_at,
-        fingerprint=info.fingerprint,
-    )
+    def task_label(self, task: str) -> str:
+        """The bounded /metrics label of a served task; raises `UnknownTaskError` (404) if it is not served."""
+        self.store.task(task)
+        return self.metrics.task_label(task)
 
 
-def answer(p: Prediction) -> PredictResponse:
-    return PredictResponse(task=p.task, label=p.label, scores=dict(p.scores), score=p.score, logits=list(p.logits))
+def service(request: Request) -> Service:
+    """The app's `Service` (a FastAPI dependency)."""
+    return request.app.state.service  # type: ignore[no-any-return]
 
 
-def known(svc: Service, task: str) -> bool:
-    try:
-        svc.store.task(task)
-    except UnknownTaskError:
-        return False
-    return True
-
-
-def plain_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
-    """Validation errors as JSON-safe dicts (pydantic puts the raw exception object in `ctx`)."""
-    return [
-        {k: ({n: str(x) for n, x in v.items()} if k == "ctx" else v) for k, v in dict(e).items() if k != "url"}
-        for e in errors
-    ]
+Svc = Annotated[Service, Depends(service)]

@@ -24,8 +24,9 @@ from transformers import AutoConfig, AutoTokenizer
 from ..constants import BASE
 from ..router import install_token_hook
 from ..routing import MixedBatch, Routing, RWLock, mixed_batch
-from .adapters import AdapterError, UnknownTaskError, read_adapter, scan
+from .adapters import read_adapter, scan
 from .chunks import CPU_FORWARD_COST, check_forward_cost, plan_chunks
+from .errors import AdapterError, BadInputError, ServingError, TooLongError, UnknownTaskError, WrongRouteError
 from .model import build_base, mean_pooling_head, wrap_heads, wrap_layers
 from .prepare import Preparer, TaskInfo, head_keys, task_type
 from .tables import Tables
@@ -33,6 +34,8 @@ from .tables import Tables
 __all__ = ["GenerationRequest", "Prediction", "TaskInfo", "TaskStore"]
 
 Inputs = str | tuple[str, str] | list[str]
+# (task, inputs) or (task, inputs, truncate): truncate=False refuses an input longer than max_length (TooLongError)
+Item = tuple[str, Inputs] | tuple[str, Inputs, bool]
 Heads = nn.Module  # one task's copy of one base head module
 
 
@@ -127,11 +130,7 @@ class TaskStore:
         """
         paths = scan(adapters) if adapters else {}
         if generator is None:
-            types = {task_type(path) for path in paths.values()}
-            archs = getattr(AutoConfig.from_pretrained(base), "architectures", None) or []
-            generator = "CAUSAL_LM" in types or (
-                not types and any(a.endswith(("CausalLM", "LMHeadModel")) for a in archs)
-            )
+            generator = cls.kind_of(base, paths) == "generator"
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"Invalid dtype {dtype!r}: use float32, bfloat16 or float16.")
@@ -145,6 +144,17 @@ class TaskStore:
         store = cls(base, model, tokenizer, generator, max_length, forward_cost_tokens)
         store._load_many(paths)
         return store
+
+    @staticmethod
+    def kind_of(base: str, adapters: str | dict[str, str] | None) -> str:
+        """`"generator"` if the adapters are `CAUSAL_LM` (or, without adapters, the base is a causal LM), else
+        `"classifier"`: what `open` serves, decided from the config files alone (no weights are read)."""
+        paths = scan(adapters) if isinstance(adapters, str) else adapters or {}
+        types = {task_type(path) for path in paths.values()}
+        if types:
+            return "generator" if "CAUSAL_LM" in types else "classifier"
+        archs = getattr(AutoConfig.from_pretrained(base), "architectures", None) or []
+        return "generator" if any(a.endswith(("CausalLM", "LMHeadModel")) for a in archs) else "classifier"
 
     def load_dir(self, adapters: str) -> list[str]:
         """Bulk-load every `<adapters>/<task>/` adapter (no peft injection: each adapter's deltas are written into
@@ -192,7 +202,7 @@ class TaskStore:
                 per_task[info.name] = heads[name]
             else:
                 per_task.pop(info.name, None)
-        self._info[info.name] = info
+        self._info = {**self._info, info.name: info}  # a new dict: readers take no lock (see `task`)
         self.refused.pop(info.name, None)
 
     def load(self, name: str, path: str) -> TaskInfo:
@@ -217,23 +227,21 @@ class TaskStore:
             self._tables.remove(name)
             for per_task in self.routing.heads.values():
                 per_task.pop(name, None)
-            del self._info[name]
+            self._info = {k: v for k, v in self._info.items() if k != name}
 
     # ------------------------------------------------------------------ queries
     def tasks(self) -> list[TaskInfo]:
-        """The served tasks, sorted by name."""
-        with self.lock.read():
-            return [self._info[n] for n in sorted(self._info)]
+        """The served tasks, sorted by name. Takes no lock: changes replace the whole name -> info mapping (one
+        atomic reference swap), so this never waits for a forward or a hotswap and is safe on an event loop."""
+        info = self._info
+        return [info[n] for n in sorted(info)]
 
     def task(self, name: str) -> TaskInfo:
-        with self.lock.read():
-            if name not in self._info:
-                raise UnknownTaskError(name, sorted(self._info))
-            return self._info[name]
-
-    def count_tokens(self, inputs: Inputs) -> int:
-        """Tokens of one input (a text or a text pair), special tokens included, before truncation."""
-        return len(self._encode(inputs, truncate=False)["input_ids"])
+        """One served task (no lock, as `tasks`). Raises `UnknownTaskError` (a `KeyError`) if it is not served."""
+        info = self._info
+        if name not in info:
+            raise UnknownTaskError(name, sorted(info))
+        return info[name]
 
     def resident_bytes(self) -> int:
         """Bytes held for the served tasks: delta tables and task heads."""
@@ -246,36 +254,63 @@ class TaskStore:
         return heads + (self._tables.nbytes() if self._tables is not None else 0)
 
     def _encode(self, inputs: Inputs, truncate: bool = True) -> dict[str, Any]:
+        """Tokenize one input once; a longer one than `max_length` is cut (`truncate`) or refused (`TooLongError`)."""
         if isinstance(inputs, str):
             pair: tuple[str, ...] = (inputs,)
         elif isinstance(inputs, (tuple, list)) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs):
             pair = tuple(inputs)
         else:
-            raise ValueError(f"inputs must be a text or a pair of texts, got {inputs!r}.")
+            raise BadInputError(f"inputs must be a text or a pair of texts, got {inputs!r}.")
         if not any(p.strip() for p in pair):
-            raise ValueError("inputs is empty: send a non-empty text.")
-        return self.tokenizer(*pair, truncation=truncate, max_length=self.max_length if truncate else None)
+            raise BadInputError("inputs is empty: send a non-empty text.")
+        encoded = self.tokenizer(*pair)
+        size = len(encoded["input_ids"])
+        if size <= self.max_length:
+            return encoded
+        if not truncate:
+            raise TooLongError(
+                f"Input is {size} tokens, more than --max-length {self.max_length}: shorten it, "
+                'or send "truncate": true to cut it to the first tokens.'
+            )
+        return self.tokenizer(*pair, truncation=True, max_length=self.max_length)
 
-    def _check_tasks(self, tasks: Sequence[str]) -> None:
-        for task in tasks:
-            if task not in self._info:
-                raise UnknownTaskError(task, sorted(self._info))
-
-    def predict(self, items: Sequence[tuple[str, Inputs]], batch_size: int = 64) -> list[Prediction]:
+    def predict(self, items: Sequence[Item], batch_size: int = 64) -> list[Prediction]:
         """Predict each (task, text or text pair) with its task, in mixed forwards of at most `batch_size` items.
 
         Items are sorted by length, whatever their tasks, and cut into forwards where padding would cost more than
-        another forward (`forward_cost_tokens`); results come back in the caller's order.
+        another forward (`forward_cost_tokens`); results come back in the caller's order. An item may be
+        `(task, inputs, truncate)`: with `truncate=False` an input longer than `max_length` raises `TooLongError`
+        (default: cut it). Raises the first failing item's error, if any (`predict_outcomes` returns them instead).
         """
+        outcomes = self.predict_outcomes(items, batch_size)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+        return outcomes  # type: ignore[return-value]
+
+    def predict_outcomes(self, items: Sequence[Item], batch_size: int = 64) -> list[Prediction | ServingError]:
+        """`predict`, but an item that cannot run (unknown task, empty or too long input) gets its error in its place
+        while the others run: one bad request never fails its batch-mates, and costs no retry."""
         if self.kind != "classifier":
-            raise ValueError("This store serves a generator (causal LM): call generate(), not predict().")
-        encoded = [self._encode(inputs) for _, inputs in items]
-        sizes = [len(e["input_ids"]) for e in encoded]
-        order = sorted(range(len(items)), key=sizes.__getitem__)
-        lengths = [sizes[i] for i in order]
-        results: list[Prediction | None] = [None] * len(items)
+            raise WrongRouteError("This store serves a generator (causal LM): call generate(), not predict().")
+        results: list[Prediction | ServingError | None] = [None] * len(items)
+        encoded: dict[int, dict[str, Any]] = {}
+        info = self._info
+        for i, (task, inputs, *rest) in enumerate(items):
+            try:
+                if task not in info:
+                    raise UnknownTaskError(task, sorted(info))
+                encoded[i] = self._encode(inputs, truncate=bool(rest[0]) if rest else True)
+            except ServingError as err:
+                results[i] = err
+        order = sorted(encoded, key=lambda i: len(encoded[i]["input_ids"]))
         with self.lock.read():
-            self._check_tasks([task for task, _ in items])
+            info = self._info  # a task unloaded since the check above fails alone
+            for i in order:
+                if items[i][0] not in info:
+                    results[i] = UnknownTaskError(items[i][0], sorted(info))
+            order = [i for i in order if results[i] is None]
+            lengths = [len(encoded[i]["input_ids"]) for i in order]
             for start, end in plan_chunks(lengths, batch_size, self.forward_cost_tokens):
                 chunk = order[start:end]
                 batch = self.tokenizer.pad([encoded[i] for i in chunk], return_tensors="pt")
@@ -284,7 +319,7 @@ class TaskStore:
                 with torch.inference_mode(), mixed_batch(MixedBatch(names, self.routing)):
                     logits = self.model(**batch).logits.float()
                 for j, i in enumerate(chunk):
-                    results[i] = self._prediction(self._info[names[j]], logits[j])
+                    results[i] = self._prediction(info[names[j]], logits[j])
         return [r for r in results if r is not None]
 
     @staticmethod
@@ -301,16 +336,17 @@ class TaskStore:
         """Generate for each request with its task, one mixed `generate` per group of requests that share sampling
         settings (each row stops at its own `max_new_tokens`). Returns the generated text only, in order."""
         if self.kind != "generator":
-            raise ValueError("This store serves task heads (a classifier): call predict(), not generate().")
+            raise WrongRouteError("This store serves task heads (a classifier): call predict(), not generate().")
         for r in requests:
             if not r.prompt.strip():
-                raise ValueError("prompt is empty: send a non-empty prompt.")
+                raise BadInputError("prompt is empty: send a non-empty prompt.")
         out: list[str] = [""] * len(requests)
         groups: dict[tuple[bool, float, float], list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault((r.do_sample, r.temperature, r.top_p), []).append(i)
         with self.lock.read():
-            self._check_tasks([r.task for r in requests])
+            for r in requests:
+                self.task(r.task)
             for (do_sample, temperature, top_p), idx in groups.items():
                 prompts = [requests[i].prompt for i in idx]
                 batch = self.tokenizer(

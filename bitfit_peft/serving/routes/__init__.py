@@ -1,0 +1,19 @@
+"""The HTTP routes, one module per API family, and which base kinds serve each (`ROUTERS`)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from . import admin, generate, health, predict, tasks
+from .common import OPENAI_PATHS, is_openai
+
+__all__ = ["OPENAI_PATHS", "ROUTERS", "is_openai"]
+
+BOTH = ("classifier", "generator")
+ROUTERS: list[tuple[tuple[str, ...], APIRouter]] = [
+    (BOTH, health.router),
+    (BOTH, tasks.router),
+    (("classifier",), predict.router),
+    (("generator",), generate.router),
+    (BOTH, admin.router),
+]
