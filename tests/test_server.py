@@ -523,3 +523,44 @@ def test_real_minilm_with_adapters_trained_by_the_glue_example(tmp_path: Path) -
         assert r.status_code == 200, r.text
         assert_same(r.json(), w)
     assert {len(w["scores"]) for w in want} == {2, 6}
+
+
+class LockedForward(GatedStore):
+    """A forward that holds the store's read lock until `release` is set: a hotswap then waits for the writer lock,
+    and (the lock preferring writers) so would every new reader."""
+
+    def predict_outcomes(self, items: list[tuple[str, Any, bool]]) -> list[Any]:
+        with self.inner.lock.read():
+            return super().predict_outcomes(items)
+
+
+def test_a_hotswap_waiting_behind_a_long_forward_never_blocks_the_event_loop(served: tuple[Path, Path]) -> None:
+    store = open_store(served)  # hotswapped: its own store
+    held = LockedForward(store)
+    app = create_app(settings(served, max_wait_ms=1), held)  # type: ignore[arg-type]
+    with running(app) as url:
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+                held.release.clear()
+                forward = asyncio.ensure_future(client.post("/v1/predict", json={"task": "t00", "inputs": "w1"}))
+                assert await asyncio.to_thread(held.entered.wait, 30)  # the forward holds the read lock
+                swap = asyncio.ensure_future(client.post("/v1/adapters", json={"name": "t01", "path": "t03"}))
+                for _ in range(500):  # bounded: until the hotswap waits for the writer lock
+                    if store.lock._waiting_writers:
+                        break
+                    await asyncio.sleep(0.01)
+                assert store.lock._waiting_writers == 1
+                # while both wait, the event loop answers: health, metrics, listings, a new request's checks
+                for path in ("/health", "/ready", "/metrics", "/v1/models", "/v1/tasks/t02"):
+                    r = await asyncio.wait_for(client.get(path), 10)
+                    assert r.status_code == 200, path
+                queued = asyncio.ensure_future(client.post("/v1/predict", json={"task": "t02", "inputs": "w2"}))
+                unknown = await asyncio.wait_for(client.post("/v1/predict", json={"task": "zz", "inputs": "w2"}), 10)
+                assert unknown.status_code == 404
+                assert not forward.done() and not swap.done()  # all of the above answered while the forward ran
+                held.release.set()
+                assert (await forward).status_code == 200 and (await swap).json()["operation"] == "hotswap"
+                assert (await queued).status_code == 200
+
+        asyncio.run(asyncio.wait_for(scenario(), 120))
