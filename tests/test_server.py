@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -564,3 +565,48 @@ def test_a_hotswap_waiting_behind_a_long_forward_never_blocks_the_event_loop(ser
                 assert (await queued).status_code == 200
 
         asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+class BrokenStore(GatedStore):
+    """A store with a bug of ours in it: its forward raises a plain ValueError."""
+
+    def predict_outcomes(self, items: list[tuple[str, Any, bool]]) -> list[Any]:
+        raise ValueError("an internal mistake, not the client's")
+
+
+def test_bodies_that_are_not_json_and_a_bug_of_ours_get_clear_answers(
+    served: tuple[Path, Path], store: TaskStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    with running(create_app(settings(served), store)) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+        body = b'{"task": "t00", "inputs": "w1"}'
+        for headers in ({}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}):
+            r = client.post("/v1/predict", content=body, headers=headers)  # curl -d without -H sends the last one
+            assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"], (headers, r.text)
+        r = client.post("/v1/predict", content=b'{"task": "t00", "inputs": ', headers={"content-type": "application/json"})  # fmt: skip
+        assert r.status_code == 400 and r.json()["error_type"] == "invalid_json"
+    broken = BrokenStore(store)
+    with running(create_app(settings(served), broken)) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as client:  # type: ignore[arg-type]
+        r = client.post("/v1/predict", json={"task": "t00", "inputs": "w1"})
+        assert r.status_code == 500 and r.json()["error_type"] == "internal", r.text
+        request_id = r.json()["request_id"]
+        assert request_id in r.json()["error"] and any(request_id in m for m in caplog.messages)
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_failure_with_every_check(
+    served: tuple[Path, Path], store: TaskStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The OpenAPI schema tells the truth: every status code and content type documented, the constraints the server
+    enforces stated, no 5xx (schemathesis --checks all, a bounded number of examples, against the real server)."""
+    schemathesis = shutil.which("schemathesis") or pytest.skip("pip install schemathesis (the test extra)")
+    app = create_app(settings(served, api_key="k", max_wait_ms=1), open_store(served))  # admin calls change tasks
+    with running(app) as url:
+        run = subprocess.run(
+            [schemathesis, "run", f"{url}/openapi.json", "--checks", "all", "-H", "Authorization: Bearer k",
+             "--max-examples", "25", "--seed", "1", "--workers", "1", "--no-color"],  # fmt: skip
+            capture_output=True, text=True, timeout=600, cwd=str(REPO),
+        )  # fmt: skip
+    summary = run.stdout[-3000:]
+    assert run.returncode == 0, summary
+    assert re.search(r"\d+ passed", summary) and "failures" not in summary.split("SUMMARY")[-1], summary
+    assert not [m for m in caplog.messages if "failed" in m]  # no request hit a bug of ours (a 500)

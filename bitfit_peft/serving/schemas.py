@@ -129,6 +129,7 @@ class AdapterLoadRequest(BaseModel):
     path: str = Field(
         validation_alias=AliasChoices("path", "lora_path"),
         min_length=1,
+        pattern=r"^[^\x00]+$",
         description="The adapter directory, relative to --adapters (or absolute, but inside it).",
     )
 

@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import ServingError, UnauthorizedError
 from .metrics import MetricsMiddleware
@@ -59,6 +60,7 @@ def create_app(settings: ServeSettings, store: TaskStore | None = None) -> FastA
     app.add_middleware(MetricsMiddleware, metrics=svc.metrics)
     app.add_exception_handler(ServingError, serving_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, internal_error)
     return app
 
@@ -90,6 +92,8 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     if any(tuple(e.get("loc", ())) == ("body",) and isinstance(e.get("input"), bytes) for e in errors):
         message = "The request body is not JSON: send it with the header `Content-Type: application/json`."
         return error_response(request, 415, message, "unsupported_media_type")
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(request, 400, "The request body is not valid JSON: check its syntax.", "invalid_json")
     detail = [
         {
             k: (v if k != "ctx" else {n: str(x) for n, x in v.items()})
@@ -103,6 +107,13 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
         param = ".".join(str(p) for p in detail[0]["loc"][1:]) if detail else None
         return error_response(request, 400, f"Invalid request: {fields}", "invalid_request_error", param=param)
     return error_response(request, 422, f"Invalid request: {fields}", "invalid_request", detail=detail)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (unknown path 404, method 405, a body that is not valid JSON 400), in our shape."""
+    message = "The request body is not valid JSON: check its syntax." if exc.status_code == 400 else str(exc.detail)
+    error_type = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(request, exc.status_code, message, error_type, headers=getattr(exc, "headers", None))
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:

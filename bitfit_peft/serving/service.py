@@ -172,6 +172,8 @@ class Service:
     def resolve_adapter_path(self, path: str) -> str:
         """The real directory of an admin path: inside the adapters directory (after symlinks), and existing."""
         root = self.adapters_root
+        if "\x00" in path:
+            raise ForbiddenPathError(f"Adapter path {path!r} holds a NUL character: send a directory name.")
         real = os.path.realpath(path if os.path.isabs(path) else os.path.join(root, path))
         if real == root or os.path.commonpath([real, root]) != root:
             raise ForbiddenPathError(f"Adapter path {path!r} is outside the adapters directory {root}: put the adapter in a folder inside it.")  # fmt: skip

@@ -18,7 +18,7 @@ __all__ = ["OPENAI_PATHS", "OpenAIError", "OpenAIErrorResponse", "admin_key", "d
 OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 
 WHY = {
-    400: "The base cannot serve this request (another kind of task), or (OpenAI routes) a field is invalid.",
+    400: "The body is not valid JSON, or (OpenAI routes) a field is invalid.",
     401: "An admin route without the server's API key.",
     403: "An adapter path outside the adapters directory.",
     404: "Unknown task (the answer lists the loaded ones), or no adapter directory at that path.",
@@ -55,7 +55,7 @@ def documented(*codes: int, openai: bool = False) -> dict[int | str, dict[str, A
     """The `responses=` of a route: each error status it can answer, with its body model (and 500, always)."""
     model = OpenAIErrorResponse if openai else ErrorResponse
     out: dict[int | str, dict[str, Any]] = {}
-    for code in (*codes, 415, 500):
+    for code in sorted({*codes, 400, 415, 500}):
         entry: dict[str, Any] = {"model": model, "description": WHY[code]}
         if code in (429, 503):
             entry["headers"] = RETRY
