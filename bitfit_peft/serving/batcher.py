@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import DrainingError, OverloadedError, ServingError
-from .store import GenerationRequest, Prediction
+from .store import EmbedItem, GenerationRequest, Prediction
 
 __all__ = ["BatchStats", "BatchObserver", "Batcher", "PredictItem"]
 
@@ -230,13 +230,13 @@ class Batcher:
         if not live:
             return
         started = time.perf_counter()
-        predicts = [item for item in live if not item.generate]
         generates = [item for item in live if item.generate]
+        embeds = [item for item in live if isinstance(item.work, EmbedItem)]
+        predicts = [item for item in live if not item.generate and not isinstance(item.work, EmbedItem)]
         failed = 0
-        if predicts:
-            failed += self._call(predicts, self.store.predict_outcomes)
-        if generates:
-            failed += self._call(generates, self.store.generate)
+        for group, method in ((predicts, "predict_outcomes"), (embeds, "embed_outcomes"), (generates, "generate")):
+            if group:
+                failed += self._call(group, getattr(self.store, method))
         if self.observer is not None:
             self.observer.on_batch(
                 BatchStats(

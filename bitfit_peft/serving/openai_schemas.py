@@ -129,7 +129,9 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=128, description="The task (adapter) name, or the base model's name.")
     input: NonBlank | list[NonBlank] = Field(description="A text or a list of texts.")
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: little-endian float32 bytes (the openai client's default)."
+    )
     user: str | None = None
 
     @field_validator("input")
@@ -146,7 +148,7 @@ class EmbeddingRequest(BaseModel):
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float]
+    embedding: list[float] | str = Field(description="The vector, or its float32 bytes in base64.")
 
 
 class EmbeddingResponse(BaseModel):

@@ -31,7 +31,9 @@ class TaskInfo:
     """What a served task is (see `TaskStore.tasks`)."""
 
     name: str
-    problem: str  # "single_label_classification" | "multi_label_classification" | "regression" | "generation"
+    problem: (
+        str  # "single_label_classification" | "multi_label_classification" | "regression" | "generation" | "embedding"
+    )
     labels: list[str]
     bias_terms: list[str] | None
     size_bytes: int
@@ -58,6 +60,10 @@ class Preparer:
         self._selections: dict[str, dict[str, list[int] | None]] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}  # module path -> bias shape (read once per module)
         self._fingerprints: dict[str, str] = {}  # selection key -> this base's fingerprint over those targets
+        # where the encoder sits in a classifier (`bert`, `roberta`, ...): embedding adapters are saved below it
+        self.encoder_prefix: str = str(
+            getattr(model, "encoder_attribute", None) or getattr(model, "base_model_prefix", "")
+        )
 
     def __call__(self, adapter: AdapterFile) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module], TaskInfo]:
         """Check an adapter against this base and turn it into full-width delta rows (module path -> tensor), its
@@ -69,6 +75,9 @@ class Preparer:
                 f"{where}: task_type {task_type!r} does not fit this {self.kind} server "
                 f"({'CAUSAL_LM' if self.kind == 'generator' else 'SEQ_CLS'} expected)."
             )
+        embedding = task_type == "FEATURE_EXTRACTION"  # a bare-encoder adapter: its paths are below the encoder
+        if embedding:
+            adapter.deltas = {f"{self.encoder_prefix}.{k}": v for k, v in adapter.deltas.items()}
         selection = self._selection(adapter, where)
         missing, unexpected = (
             sorted(set(selection) - set(adapter.deltas)),
@@ -95,15 +104,19 @@ class Preparer:
                 delta = delta.new_zeros(shape).index_add(0, torch.tensor(positions), delta)
             rows[key] = delta
         self._check_fingerprint(adapter, selection, where)
-        heads, width = self._task_heads(adapter, where)
+        heads, width = self._task_heads(adapter, where) if not embedding else ({}, 0)
         config = adapter.config
+        if embedding and adapter.head:
+            raise AdapterError(f"{where}: an embedding (FEATURE_EXTRACTION) adapter with saved modules {sorted(adapter.head)[:3]} cannot be served: only its deltas are used.")  # fmt: skip
         problem = (
             "generation"
             if self.kind == "generator"
+            else "embedding"
+            if embedding
             else config.get("problem_type") or ("regression" if width == 1 else "single_label_classification")
         )
         labels: list[str] = []
-        if problem not in ("regression", "generation"):
+        if problem not in ("regression", "generation", "embedding"):
             labels = list(config.get("labels") or [f"LABEL_{i}" for i in range(width)])
         if labels and len(labels) != width:
             raise AdapterError(f"{where}: {len(labels)} label names for a head with {width} outputs.")
@@ -125,8 +138,12 @@ class Preparer:
         if key not in self._selections:
             fields = {k: v for k, v in adapter.config.items() if k in BitFitConfig.__dataclass_fields__}
             fields.pop("peft_type", None)
+            embedding = adapter.config.get("task_type") == "FEATURE_EXTRACTION"
+            model = self.model.get_submodule(self.encoder_prefix) if embedding else self.model
+            prefix = f"{self.encoder_prefix}." if embedding else ""
             try:
-                self._selections[key] = select_targets(self.model, BitFitConfig(**fields), self._config)
+                found = select_targets(model, BitFitConfig(**fields), self._config)
+                self._selections[key] = {prefix + k: v for k, v in found.items()}
             except (TypeError, ValueError) as err:
                 raise AdapterError(f"{where}: its config does not fit this base model ({err}).") from None
         return self._selections[key]
@@ -140,7 +157,12 @@ class Preparer:
         key = adapter.selection_key()
         served = self._fingerprints.get(key)
         if served is None:
-            served = self._fingerprints[key] = fingerprint(self.model, sorted(selection))
+            if adapter.config.get("task_type") == "FEATURE_EXTRACTION":  # recorded on the bare encoder
+                n = len(self.encoder_prefix) + 1
+                encoder = self.model.get_submodule(self.encoder_prefix)
+                served = self._fingerprints[key] = fingerprint(encoder, sorted(k[n:] for k in selection))
+            else:
+                served = self._fingerprints[key] = fingerprint(self.model, sorted(selection))
         if served != expected:
             raise AdapterError(
                 f"{where}: it was trained on {adapter.config.get('base_model_name_or_path')!r} (base fingerprint "

@@ -13,9 +13,10 @@ it was before or after a change, never a mix of layers. Nothing switches global 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -28,10 +29,11 @@ from .adapters import read_adapter, scan
 from .chunks import CPU_FORWARD_COST, check_forward_cost, plan_chunks
 from .errors import AdapterError, BadInputError, ServingError, TooLongError, UnknownTaskError, WrongRouteError
 from .model import build_base, mean_pooling_head, wrap_heads, wrap_layers
+from .pooling import Pooling
 from .prepare import Preparer, TaskInfo, head_keys, task_type
 from .tables import Tables
 
-__all__ = ["GenerationRequest", "Prediction", "TaskInfo", "TaskStore"]
+__all__ = ["EmbedItem", "GenerationRequest", "Prediction", "TaskInfo", "TaskStore"]
 
 Inputs = str | tuple[str, str] | list[str]
 # (task, inputs) or (task, inputs, truncate): truncate=False refuses an input longer than max_length (TooLongError)
@@ -48,6 +50,14 @@ class Prediction:
     scores: dict[str, float]
     score: float | None
     logits: list[float]
+
+
+class EmbedItem(NamedTuple):
+    """One text to embed with a task's deltas (`TaskStore.embed_outcomes`); queued on the batcher as one item."""
+
+    task: str
+    inputs: str
+    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,7 @@ class TaskStore:
         self._heads = wrap_heads(model) if not generator else {}
         self._prepare = Preparer(model, self.kind, self._heads)
         self._tables: Tables | None = None
+        self.pooling = Pooling.from_checkpoint(base) if os.path.isdir(base) else Pooling()
         install_token_hook(model)
 
     # ------------------------------------------------------------------ opening and loading
@@ -293,12 +304,45 @@ class TaskStore:
         while the others run: one bad request never fails its batch-mates, and costs no retry."""
         if self.kind != "classifier":
             raise WrongRouteError("This store serves a generator (causal LM): call generate(), not predict().")
-        results: list[Prediction | ServingError | None] = [None] * len(items)
+
+        def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.model(**batch).logits.float()
+
+        embedding = [i for i, (task, *_) in enumerate(items) if getattr(self._info.get(task), "problem", "") == "embedding"]  # fmt: skip
+        if embedding:  # no head to predict with: those items fail alone
+            outcomes = self.predict_outcomes([x for i, x in enumerate(items) if i not in embedding], batch_size)
+            for i in embedding:
+                outcomes.insert(i, WrongRouteError(f"Task {items[i][0]!r} is an embedding task (no head): use POST /v1/embeddings or /embed."))  # fmt: skip
+            return outcomes
+        return self._outcomes(items, batch_size, run, lambda info, row, _: self._prediction(info, row))
+
+    def embed_outcomes(
+        self, items: Sequence[Item], batch_size: int = 64
+    ) -> list[tuple[list[float], int] | ServingError]:
+        """Sentence embeddings of (task, text[, truncate]) items: the encoder's token states with each item's task
+        deltas, pooled as the checkpoint's sentence-transformers config says (`pooling.Pooling`); the base's name
+        or `"__base__"` for no adapter. Each result is (embedding, tokens of the input); errors per item, as
+        `predict_outcomes`."""
+        if self.kind != "classifier":
+            raise WrongRouteError("This store serves a generator (causal LM): embeddings need an encoder base.")
+        encoder: Any = getattr(self.model, "encoder_model", None) or self.model.base_model
+
+        def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.pooling(encoder(**batch).last_hidden_state, batch["attention_mask"]).float()
+
+        return self._outcomes(items, batch_size, run, lambda info, row, tokens: (row.tolist(), tokens), base=True)
+
+    def _outcomes(
+        self, items: Sequence[Item], batch_size: int, run: Any, answer: Any, base: bool = False
+    ) -> list[Any]:
+        """Tokenize and check each item (its error in its place), then run the rest sorted by length in mixed
+        forwards cut by `plan_chunks`, under the read lock; `answer(info, row, tokens)` makes a row of `run` a result."""
+        results: list[Any] = [None] * len(items)
         encoded: dict[int, dict[str, Any]] = {}
         info = self._info
         for i, (task, inputs, *rest) in enumerate(items):
             try:
-                if task not in info:
+                if task not in info and not (base and task == BASE):
                     raise UnknownTaskError(task, sorted(info))
                 encoded[i] = self._encode(inputs, truncate=bool(rest[0]) if rest else True)
             except ServingError as err:
@@ -307,7 +351,7 @@ class TaskStore:
         with self.lock.read():
             info = self._info  # a task unloaded since the check above fails alone
             for i in order:
-                if items[i][0] not in info:
+                if items[i][0] not in info and not (base and items[i][0] == BASE):
                     results[i] = UnknownTaskError(items[i][0], sorted(info))
             order = [i for i in order if results[i] is None]
             lengths = [len(encoded[i]["input_ids"]) for i in order]
@@ -317,10 +361,10 @@ class TaskStore:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 names = [items[i][0] for i in chunk]
                 with torch.inference_mode(), mixed_batch(MixedBatch(names, self.routing)):
-                    logits = self.model(**batch).logits.float()
+                    rows = run(batch)
                 for j, i in enumerate(chunk):
-                    results[i] = self._prediction(info[names[j]], logits[j])
-        return [r for r in results if r is not None]
+                    results[i] = answer(info.get(names[j]), rows[j], len(encoded[i]["input_ids"]))
+        return results
 
     @staticmethod
     def _prediction(info: TaskInfo, row: torch.Tensor) -> Prediction:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import admin, generate, health, predict, tasks
+from . import admin, embeddings, generate, health, predict, tasks
 from .common import OPENAI_PATHS, is_openai
 
 __all__ = ["OPENAI_PATHS", "ROUTERS", "is_openai"]
@@ -14,6 +14,7 @@ ROUTERS: list[tuple[tuple[str, ...], APIRouter]] = [
     (BOTH, health.router),
     (BOTH, tasks.router),
     (("classifier",), predict.router),
+    (("classifier",), embeddings.router),
     (("generator",), generate.router),
     (BOTH, admin.router),
 ]
