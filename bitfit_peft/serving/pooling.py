@@ -26,8 +26,8 @@ class Pooling:
     Example:
 
     >>> pool = Pooling(mode="mean", normalize=True)
-    >>> pool(torch.tensor([[[3.0, 0.0], [0.0, 4.0], [9.0, 9.0]]]), torch.tensor([[1, 1, 0]])).tolist()
-    [[0.6, 0.8]]
+    >>> pool(torch.tensor([[[3.0, 0.0], [0.0, 4.0], [9.0, 9.0]]]), torch.tensor([[1, 1, 0]]))
+    tensor([[0.6000, 0.8000]])
     """
 
     mode: str = "mean"
