@@ -105,6 +105,17 @@ class ServerMetrics:
         if stats.failed:
             self.batch_failures.inc(stats.failed)
 
+    # GenerationObserver (serving.engine): one decode step is one batch; a finished request is one item
+    def on_generation(self, event: str, data: dict[str, Any]) -> None:
+        if event == "step" and data["rows"]:
+            self.batch_size.observe(data["rows"])
+            self.batch_tasks.observe(data["tasks"])
+            if data["tasks"] > 1:
+                self.mixed_batches.inc()
+            self.batch_seconds.observe(data["seconds"])
+        elif event == "finish":
+            self.items.labels(task=self.task_label(data["task"])).inc()
+
     def on_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
 
