@@ -85,6 +85,8 @@ class ServerMetrics:
         )
         self.batch_failures = Counter("bitfit_batch_item_failures", "Items whose model call raised.", registry=r)
         self.resident = Gauge("bitfit_resident_adapters", "Adapters (tasks) loaded now.", registry=r)
+        self.first_token = Histogram("bitfit_time_to_first_token_seconds", "From submit to a request's first token.", buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.generated_tokens = Counter("bitfit_generated_tokens", "Tokens generated (finished requests).", registry=r)
         self.adapter_ops = Histogram(
             "bitfit_adapter_operation_seconds",
             "Duration of adapter loads, hotswaps and unloads done through the admin routes.",
@@ -113,8 +115,11 @@ class ServerMetrics:
             if data["tasks"] > 1:
                 self.mixed_batches.inc()
             self.batch_seconds.observe(data["seconds"])
+        elif event == "first_token":
+            self.first_token.observe(data["seconds"])
         elif event == "finish":
             self.items.labels(task=self.task_label(data["task"])).inc()
+            self.generated_tokens.inc(data["completion_tokens"])
 
     def on_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
