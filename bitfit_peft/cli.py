@@ -184,16 +184,15 @@ def plot_table(table: dict[str, Any], path: str) -> None:
 
 # ---------------------------------------------------------------- convert
 def parse_target(text: str, current: str) -> tuple[str, float | None]:
-    """`int8`, `int8:0.4`, `sparse:0.1` (the adapter's current dtype) -> (dtype, keep_fraction)."""
+    """`int8`, `int8:0.4`, `sparse:0.1` (the adapter's current dtype) -> (dtype, keep_fraction); the dtypes are
+    `compact.CODECS`."""
     dtype, _, keep_text = text.partition(":")
     if dtype == "sparse":
-        dtype = current if current in compact.SAVE_DTYPES else "float32"
+        dtype = current if current in compact.CODECS else "float32"
         if not keep_text:
             raise CliError("--to sparse needs a fraction to keep, e.g. --to sparse:0.1.")
-    if dtype not in compact.SAVE_DTYPES:
-        raise CliError(
-            f"--to {text!r}: unknown format. Use one of {list(compact.SAVE_DTYPES)}, DTYPE:KEEP or sparse:KEEP."
-        )
+    if dtype not in compact.CODECS:
+        raise CliError(f"--to {text!r}: unknown format. Use one of {list(compact.CODECS)}, DTYPE:KEEP or sparse:KEEP.")
     try:
         keep = float(keep_text) if keep_text else None
     except ValueError as err:
@@ -213,7 +212,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out_file = os.path.join(args.out, WEIGHTS_NAME)
     if os.path.exists(out_file) and not args.force:
         raise CliError(f"{out_file} exists; pass --force to overwrite it.")
-    if dtype == "float32" and keep is None:
+    if not compact.CODECS[dtype].packed_by_default and keep is None:
         new: dict[str, torch.Tensor] = {
             k: v.contiguous() for k, v in state.items()
         }  # the plain one-tensor-a-key layout
@@ -328,10 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="write the term x layer heatmap of mean |Δb| (needs matplotlib)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="rewrite an adapter as float32, bfloat16, float16, int8 and/or sparse")
+    formats = " | ".join(compact.CODECS)
+    p = sub.add_parser("convert", help=f"rewrite an adapter as {', '.join(compact.CODECS)} and/or sparse")
     p.add_argument("adapter")
     p.add_argument("out", help="output directory")
-    p.add_argument("--to", required=True, help="float32 | bfloat16 | float16 | int8, optionally :KEEP (e.g. int8:0.4), or sparse:KEEP")  # fmt: skip
+    p.add_argument("--to", required=True, help=f"{formats}, optionally :KEEP (e.g. int8:0.4), or sparse:KEEP")
     p.add_argument("--force", action="store_true", help="overwrite OUT/adapter_model.safetensors")
     p.add_argument("--no-module-metadata", action="store_true", help="leave the module order out of the file header")
     p.set_defaults(func=cmd_convert)

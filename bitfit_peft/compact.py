@@ -24,13 +24,15 @@ import json
 import os
 import re
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from .constants import DELTA_ATTR as DELTA_MARKER  # the last component of every delta key in a saved state dict
-from .constants import KEY_PATTERN, PREFIX, SAVE_DTYPES
+from .constants import KEY_PATTERN, PREFIX
 from .constants import PEFT_KEY_PREFIX as PEFT_PREFIX  # what PeftModel.state_dict() puts before the base's keys
 
 FORMAT_VERSION = 1
@@ -44,7 +46,72 @@ MAX_VALUES = 2**28
 _GAP_ESCAPE = 255  # a gap byte of 255 means "skip 255 positions, no value here"
 _HEAD_COPY = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")  # peft's per-adapter copy of a head, renamed on load
 
-__all__ = ["SAVE_DTYPES", "decode", "encode", "is_packed", "read_layout", "safetensors_metadata", "payload_bytes"]
+__all__ = [
+    "CODECS",
+    "SAVE_DTYPES",
+    "Codec",
+    "codec",
+    "decode",
+    "encode",
+    "is_packed",
+    "payload_bytes",
+    "read_layout",
+    "register_codec",
+    "safetensors_metadata",
+]
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One storage dtype of the deltas (`BitFitConfig.save_dtype`, the layout's `dtype`, `bitfit-peft convert --to`).
+
+    Args:
+        name (`str`): the value users pass and files record, e.g. `"int8"`.
+        dtype (`torch.dtype`): what the stored values are.
+        quantize (`Callable`, *optional*): float32 tensor -> (scale, stored values) with `values * scale ~ x`, one
+            scale per tensor kept in the layout. Scaled codecs store the task head scaled too, refuse NaN/inf, and
+            exist only in the packed layout. None: a plain cast.
+        packed_by_default (`bool`): with `packed` unset, save the packed layout (False: one tensor per bias, the
+            form any tool reads).
+    """
+
+    name: str
+    dtype: torch.dtype
+    quantize: Callable[[torch.Tensor], tuple[float, torch.Tensor]] | None = None
+    packed_by_default: bool = True
+
+    @property
+    def scaled(self) -> bool:
+        """Whether values carry a scale (so the file must be packed: the scales live in the layout)."""
+        return self.quantize is not None
+
+    def encode(self, key: str, x: torch.Tensor) -> tuple[float | None, torch.Tensor]:
+        """(scale or None, stored values) of the float32 tensor `x` saved under `key`."""
+        if self.quantize is None:
+            return None, x.to(self.dtype)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"{key} holds NaN or inf values, which {self.name} cannot store; fix the adapter before converting."
+            )
+        return self.quantize(x)
+
+
+CODECS: dict[str, Codec] = {}
+
+
+def register_codec(entry: Codec) -> Codec:
+    """Add a storage dtype: the one place a new one goes (config validation, save, load, the CLI and size
+    accounting all read `CODECS`)."""
+    CODECS[entry.name] = entry
+    return entry
+
+
+def codec(name: Any, what: str = "save_dtype") -> Codec:
+    """The codec called `name`; a ValueError naming the known ones otherwise."""
+    entry = CODECS.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise ValueError(f"Invalid {what} {name!r}. Must be one of {list(CODECS)}.")
+    return entry
 
 
 def is_packed(tensors: dict[str, torch.Tensor]) -> bool:
@@ -60,8 +127,8 @@ def encode(
     Args:
         state (`dict[str, torch.Tensor]`): an adapter state dict as peft saves it (`...bitfit_delta` keys, plus task
             head tensors, which keep their names).
-        save_dtype (`str`): one of `"float32"`, `"bfloat16"`, `"float16"`, `"int8"` (symmetric absmax, one scale per
-            tensor).
+        save_dtype (`str`): a key of `CODECS`: `"float32"`, `"bfloat16"`, `"float16"`, `"int8"` (symmetric absmax,
+            one scale per tensor).
         keep_fraction (`float`, *optional*): keep only this fraction (0 < f <= 1) of each delta, the entries largest
             in magnitude; the others decode as 0. Task heads are always kept whole.
 
@@ -75,8 +142,7 @@ def encode(
     >>> decode(enc)["m.bitfit_delta"]  # int8 rounds 0.5 to 64/127; the smallest value is pruned
     tensor([ 0.5039, -1.0000,  0.0000])
     """
-    if save_dtype not in SAVE_DTYPES:
-        raise ValueError(f"Invalid save_dtype {save_dtype!r}. Must be one of {list(SAVE_DTYPES)}.")
+    store = codec(save_dtype)
     if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}; e.g. 0.1 keeps the largest 10%.")
     if is_packed(state):
@@ -87,12 +153,10 @@ def encode(
             f"No '{DELTA_MARKER}' tensors in the state dict (keys: {sorted(state)[:3]}...): pass the state dict of a "
             "BitFit adapter, as get_peft_model_state_dict or a saved adapter_model.safetensors holds it."
         )
-    int8 = save_dtype == "int8"
     layout: dict[str, Any] = {"v": FORMAT_VERSION, "dtype": save_dtype, "keys": [], "shapes": []}
     values, scales, kept_index, offset = [], [], [], 0
     for key, tensor in deltas.items():
         flat = tensor.detach().float().cpu().flatten()
-        _check_finite(key, flat, save_dtype)
         layout["keys"].append(key)
         layout["shapes"].append(list(tensor.shape))
         if keep_fraction is not None and keep_fraction < 1.0:
@@ -101,13 +165,12 @@ def encode(
             kept_index.append(index + offset)
             flat = flat[index]
         offset += tensor.numel()
-        if int8:
-            scale, flat = _quantize(flat)
+        scale, flat = store.encode(key, flat)
+        if scale is not None:
             scales.append(scale)
         values.append(flat)
-    packed = torch.cat(values)
-    out: dict[str, torch.Tensor] = {PACKED_KEY: packed if int8 else packed.to(getattr(torch, save_dtype))}
-    if int8:
+    out: dict[str, torch.Tensor] = {PACKED_KEY: torch.cat(values)}
+    if store.scaled:
         layout["scales"] = scales
     if kept_index:
         encoding, positions = _encode_positions(torch.cat(kept_index).numpy(), offset)
@@ -119,11 +182,10 @@ def encode(
             continue
         if not tensor.is_floating_point():
             out[key] = tensor
-        elif int8:
-            _check_finite(key, tensor, save_dtype)
-            heads[_canonical(key)], out[key] = _quantize(tensor.detach().float().cpu())
-        else:
-            out[key] = tensor.detach().cpu().to(getattr(torch, save_dtype))
+            continue
+        scale, out[key] = store.encode(key, tensor.detach().float().cpu() if store.scaled else tensor.detach().cpu())
+        if scale is not None:
+            heads[_canonical(key)] = scale
     # The scales follow the compressed JSON as raw float32: as JSON text they cost three times the bytes.
     scale_values = layout.pop("scales", [])
     if heads:
@@ -161,8 +223,8 @@ def decode(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         counts = np.bincount(np.searchsorted(np.cumsum(sizes), positions, side="right"), minlength=len(sizes))
     else:
         positions, counts = None, np.array(sizes)
-    expected_dtype = torch.int8 if layout.get("dtype") == "int8" else getattr(torch, str(layout.get("dtype")), None)
-    if packed.dtype != expected_dtype:
+    store = CODECS[layout["dtype"]]  # read_layout checked it is known
+    if packed.dtype != store.dtype:
         raise ValueError(
             f"Corrupt BitFit file: the layout says {layout.get('dtype')} but {PACKED_KEY} holds {packed.dtype}. "
             "Save the adapter again."
@@ -172,7 +234,7 @@ def decode(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             f"Corrupt BitFit file: {PACKED_KEY} holds {packed.numel()} values but the layout needs {int(counts.sum())}."
         )
     values = packed.float()
-    if layout["dtype"] == "int8":
+    if store.scaled:
         scales = torch.tensor(layout["scales"], dtype=torch.float32)
         values = values * scales.repeat_interleave(torch.from_numpy(counts.astype(np.int64)))
     full = values
@@ -186,10 +248,12 @@ def decode(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, tensor in tensors.items():
         if key in (LAYOUT_KEY, PACKED_KEY, POSITIONS_KEY):
             continue
-        if tensor.dtype == torch.int8:
+        if store.scaled and tensor.dtype == store.dtype:
             scale = head_scales.get(_canonical(key))
             if scale is None:
-                raise ValueError(f"Corrupt BitFit file: int8 tensor {key} has no scale in the layout. Save it again.")
+                raise ValueError(
+                    f"Corrupt BitFit file: {store.name} tensor {key} has no scale in the layout. Save it again."
+                )
             out[key] = tensor.float() * scale
         else:
             out[key] = tensor.float() if tensor.is_floating_point() else tensor
@@ -212,7 +276,7 @@ def read_layout(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
             f"({FORMAT_VERSION}): upgrade bitfit-peft."
         )
     _check_layout(layout)
-    if layout.get("dtype") == "int8":
+    if CODECS[layout["dtype"]].scaled:
         n = len(layout.get("keys", []))
         heads = layout.get("heads", [])
         if len(scales) != n + len(heads):
@@ -226,10 +290,8 @@ def read_layout(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
 def _check_layout(layout: dict[str, Any]) -> None:
     """Refuse a layout whose keys, shapes or dtype could not have come from `encode` (crafted or corrupt)."""
     keys, shapes = layout.get("keys"), layout.get("shapes")
-    if layout.get("dtype") not in SAVE_DTYPES:
-        raise ValueError(
-            f"Corrupt BitFit file: layout dtype {layout.get('dtype')!r} is not one of {list(SAVE_DTYPES)}."
-        )
+    if not isinstance(layout.get("dtype"), str) or layout["dtype"] not in CODECS:
+        raise ValueError(f"Corrupt BitFit file: layout dtype {layout.get('dtype')!r} is not one of {list(CODECS)}.")
     if not isinstance(keys, list) or not isinstance(shapes, list) or len(keys) != len(shapes):
         raise ValueError("Corrupt BitFit file: the layout needs as many shapes as keys. Save the adapter again.")
     bad = [k for k in keys if not isinstance(k, str) or not KEY_PATTERN.fullmatch(k) or not k.endswith(DELTA_MARKER)]
@@ -290,11 +352,6 @@ def head_key(key: str) -> str:
 _canonical = head_key
 
 
-def _check_finite(key: str, tensor: torch.Tensor, save_dtype: str) -> None:
-    if save_dtype == "int8" and not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{key} holds NaN or inf values, which int8 cannot store; fix the adapter before converting.")
-
-
 def _quantize(x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Symmetric absmax int8: `x ~ q * scale` with `q` in [-127, 127]."""
     absmax = float(x.abs().max()) if x.numel() else 0.0
@@ -303,6 +360,16 @@ def _quantize(x: torch.Tensor) -> tuple[float, torch.Tensor]:
         return 0.0, torch.zeros(x.shape, dtype=torch.int8)
     scale = float(np.float32(scale))  # what the file stores and decode multiplies by
     return scale, torch.round(x / scale).clamp(-127, 127).to(torch.int8)
+
+
+for _entry in (
+    Codec("float32", torch.float32, packed_by_default=False),
+    Codec("bfloat16", torch.bfloat16),
+    Codec("float16", torch.float16),
+    Codec("int8", torch.int8, quantize=_quantize),
+):
+    register_codec(_entry)
+SAVE_DTYPES = tuple(CODECS)  # the built-in storage dtypes (read `CODECS` for the current ones)
 
 
 def _encode_positions(positions: np.ndarray, total: int) -> tuple[str, np.ndarray]:

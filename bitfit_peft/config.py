@@ -13,7 +13,8 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 
 from .card import write_card
-from .constants import BIAS_TERMS, PICKLE_WEIGHTS_NAME, SAVE_DTYPES, WEIGHTS_NAME, BitFitPeftType
+from .compact import CODECS, codec
+from .constants import BIAS_TERMS, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, BitFitPeftType
 from .files import check_adapter_file, write_layout_metadata
 
 
@@ -120,11 +121,11 @@ class BitFitConfig(PeftConfig):
         default=None,
         metadata={"help": "What the head predicts; unset: inferred from the head (1 output = regression)."},
     )
-    save_dtype: Literal["float32", "bfloat16", "float16", "int8"] | None = field(
+    save_dtype: str | None = field(
         default=None,
         metadata={
-            "help": f"Dtype of the deltas in the checkpoint, one of {list(SAVE_DTYPES)} (int8: absmax, scales in the "
-            "file); unset keeps theirs. They load back into the training dtype."
+            "help": f"Dtype of the deltas in the checkpoint, one of {list(CODECS)} (`compact.CODECS`; int8: absmax, "
+            "scales in the file); unset keeps theirs. They load back into the training dtype."
         },
     )
     keep_fraction: float | None = field(
@@ -173,8 +174,7 @@ class BitFitConfig(PeftConfig):
                 "Set either bias_terms or target_modules, not both: bias_terms picks modules by role on known "
                 "architectures, target_modules by name. Use layers_to_transform / exclude_modules to narrow bias_terms."
             )
-        if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"Invalid save_dtype {self.save_dtype!r}. Must be one of {list(SAVE_DTYPES)} or None.")
+        store = None if self.save_dtype is None else codec(self.save_dtype)
         if self.keep_fraction is not None and (
             isinstance(self.keep_fraction, bool)
             or not isinstance(self.keep_fraction, (int, float))
@@ -184,10 +184,10 @@ class BitFitConfig(PeftConfig):
                 f"Invalid keep_fraction {self.keep_fraction!r}. Must be a number in (0, 1] (e.g. 0.1 keeps the largest "
                 "10% of each delta) or None to keep every value."
             )
-        if self.packed is False and (self.save_dtype == "int8" or self.keep_fraction is not None):
+        if self.packed is False and ((store is not None and store.scaled) or self.keep_fraction is not None):
             raise ValueError(
                 f"packed=False cannot store save_dtype={self.save_dtype!r} / keep_fraction={self.keep_fraction!r}: "
-                "int8 scales and sparse positions live in the packed layout. Leave packed unset (or True)."
+                "scales (int8) and sparse positions live in the packed layout. Leave packed unset (or True)."
             )
         if self.base_fingerprint is not None and not isinstance(self.base_fingerprint, str):
             raise ValueError(f"base_fingerprint must be a string or None, got {self.base_fingerprint!r}.")

@@ -21,10 +21,8 @@ PEFT_KEY_PREFIX = "base_model.model."
 BASE = "__base__"
 # The paper's named bias subsets, with the same meaning on every supported architecture.
 BIAS_TERMS = ("query", "key", "value", "attention_output", "intermediate", "output", "layernorm")
-# Dtypes a checkpoint may store deltas in (`BitFitConfig.save_dtype`); int8 files are always packed (`compact`).
 # A checkpoint key: dotted names of letters, digits, `_` and `-`; no `/`, `\\`, empty parts (`..`) or outer dots.
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*")
-SAVE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 # The two files of a saved adapter, as peft names them, and the model card and metrics written beside them.
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

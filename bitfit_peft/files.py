@@ -238,11 +238,11 @@ def write_layout_metadata(path: str, limit: float = 1.05) -> None:
     layout = compact.read_layout(tensors)
     parts = (compact.LAYOUT_KEY, compact.PACKED_KEY, compact.POSITIONS_KEY)
     float_heads = any(k not in parts and v.is_floating_point() for k, v in tensors.items())
-    if layout.get("dtype") == "int8" and not layout.get("heads") and float_heads:
-        # peft adds the task head to the state dict after the tuner's save hook, so it arrives here in float32: an
-        # int8 file quantizes it too (its own scale), which is what brings a b_q + b_m2 MiniLM adapter under 8 KB
+    if compact.CODECS[layout["dtype"]].scaled and not layout.get("heads") and float_heads:
+        # peft adds the task head to the state dict after the tuner's save hook, so it arrives here in float32: a
+        # scaled (int8) file quantizes it too (its own scale), which brings a b_q + b_m2 MiniLM adapter under 8 KB
         keep = (layout.get("sparse") or {}).get("keep_fraction")
-        tensors = compact.encode(compact.decode(tensors), "int8", keep)
+        tensors = compact.encode(compact.decode(tensors), layout["dtype"], keep)
     payload = compact.payload_bytes(tensors)
     for module_order in (True, False):
         meta = compact.safetensors_metadata(tensors, module_order=module_order)
@@ -261,17 +261,17 @@ def read_adapter_weights(path: str) -> dict[str, torch.Tensor]:
     """
     tensors, _ = read_safetensors(path)
     packed_parts: tuple[str, ...] = ()
-    int8_heads: set[str] | None = set()  # None: the layout is broken, and decode below says how
+    scaled_heads: set[str] | None = set()  # None: the layout is broken, and decode below says how
     if compact.is_packed(tensors):
         packed_parts = (compact.LAYOUT_KEY, compact.PACKED_KEY, compact.POSITIONS_KEY)
         try:
-            int8_heads = set(compact.read_layout(tensors).get("heads") or ())
+            scaled_heads = set(compact.read_layout(tensors).get("heads") or ())
         except ValueError:
-            int8_heads = None
+            scaled_heads = None
     for key, tensor in tensors.items():
-        if int8_heads is None or tensor.is_floating_point() or key in packed_parts:
+        if scaled_heads is None or tensor.is_floating_point() or key in packed_parts:
             continue
-        if compact.head_key(key) not in int8_heads:
+        if compact.head_key(key) not in scaled_heads:
             raise ValueError(
                 f"Adapter file {path} is not a valid BitFit checkpoint: tensor {key} has dtype {tensor.dtype}, "
                 "expected floating point (integer tensors appear only in a packed layout: bitfit_packed, "

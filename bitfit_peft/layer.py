@@ -277,10 +277,7 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
                 f"{out.device}; routing is rebuilt at the start of a call after model.to(...), so move the model "
                 "between calls, not during one."
             )
-        rows = mixed.rows_for(x.shape[0], x.device)
-        if entry.lookup is not None:
-            rows = entry.lookup.index_select(0, rows)
-        deltas = self._broadcast(table.index_select(0, rows).to(out.dtype), out, batched=True)
+        deltas = self._broadcast(entry.gather(mixed.rows_for(x.shape[0], x.device)).to(out.dtype), out, batched=True)
         return out.add_(deltas) if not torch.is_grad_enabled() else out + deltas
 
     # ------------------------------------------------------------------ merge

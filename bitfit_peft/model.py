@@ -20,7 +20,7 @@ from torch import nn
 
 from . import compact
 from .config import BitFitConfig
-from .constants import BASE, PREFIX, SAVE_DTYPES, is_delta_key
+from .constants import BASE, PREFIX, is_delta_key
 from .fingerprint import fingerprint, target_modules_of
 from .layer import BitFitLayer
 from .loading import (
@@ -294,15 +294,14 @@ class BitFitModel(BaseTuner):
         keep = keep if keep is not None and keep < 1.0 else None
         first = next(iter(deltas.values()), None)
         own = str(first.dtype).removeprefix("torch.") if first is not None else "float32"
-        dtype_name = save_dtype or (own if own in SAVE_DTYPES else "float32")
+        store = compact.codec(save_dtype or (own if own in compact.CODECS else "float32"))
         packed = getattr(config, "packed", None)
         if packed is None:  # a compact option asks for the compact layout; plain float32 stays readable by any tool
-            packed = keep is not None or save_dtype not in (None, "float32")
+            packed = keep is not None or (save_dtype is not None and store.packed_by_default)
             config.packed = bool(deltas) and packed  # recorded in adapter_config.json, which peft writes next
         if deltas and packed:
-            return {**others, **compact.encode(deltas, dtype_name, keep)}
-        dtype = getattr(torch, dtype_name)
-        return {**others, **{k: v.to(dtype) for k, v in deltas.items()}}
+            return {**others, **compact.encode(deltas, store.name, keep)}
+        return {**others, **{k: v.to(store.dtype) for k, v in deltas.items()}}
 
     @classmethod
     def _remap_adapter_state_dict_for_load(

@@ -23,7 +23,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
 from .layer import BitFitLayer, Changes, state_update
-from .routing import LayerTable, Routing, RWLock, current_mixed_batch
+from .routing import Routing, RWLock, current_mixed_batch, route_heads
+from .tables import LayerTable
 
 __all__ = ["Router", "build_routing", "install_token_hook", "router_for"]
 
@@ -114,8 +115,7 @@ def _refresh(routing: Routing, stale: list[tuple[str, int]]) -> None:
     with state_update():
         for name, i in stale:
             layer, param, _ = routing.copies[name][i]
-            entry = routing.tables[layer]
-            entry.table[entry.rows[name]] = layer.full_delta(name).to(entry.table.dtype)
+            routing.tables[layer].put(name, routing.slots[name], layer.full_delta(name))
             routing.copies[name][i] = (layer, param, param._version)
 
 
@@ -129,22 +129,18 @@ def _layer_table(layer: BitFitLayer, slots: dict[str, int], routing: Routing) ->
     first = deltas[names[0]]
     dtype = first.dtype if first.is_floating_point() else torch.float32
     device = first.device
-    complete = len(names) == len(slots)
-    rows: dict[str, int] = {}
+    # every slot has a row here, in slot order: no lookup needed (rows are numbered by slot)
+    lookup_slots = None if len(names) == len(slots) else len(slots)
     with state_update():
-        table = torch.zeros((len(names) + 1, *layer._shape), dtype=dtype, device=device)
-        lookup = None if complete else torch.zeros(len(slots) + 1, dtype=torch.long, device=device)
-        for row, name in enumerate(names, start=1):
-            rows[name] = row
-            if lookup is not None:
-                lookup[slots[name]] = row
+        entry = LayerTable.empty(layer._shape, dtype, device, rows=len(names) + 1, slots=lookup_slots)
+        for name in names:
             param = deltas[name]
-            table[row] = layer.full_delta(name).to(device=device, dtype=dtype)
+            row = entry.put(name, slots[name], layer.full_delta(name))
             if name not in partial and param.dtype == dtype and param.device == device:
-                param.data = table[row]
+                param.data = entry.table[row]  # the table is never grown: this snapshot's rows stay put
             else:
                 routing.copies.setdefault(name, []).append((layer, param, param._version))
-    routing.tables[layer] = LayerTable(table, lookup, rows)
+    routing.tables[layer] = entry
 
 
 def build_routing(model: nn.Module, adapters: Iterable[str]) -> Routing:
@@ -219,31 +215,8 @@ class _RoutedForward:
 
 def _routed_head_forward(wrapper: ModulesToSaveWrapper, x: Any, *args: Any, **kwargs: Any) -> Any:
     """Outside a mixed call: the wrapper's own forward. In one: each example through its adapter's copy of the head
-    (the base head for `__base__` or an adapter without one), for heads of any structure: rows are grouped by
-    adapter, one call per group, then put back in order."""
+    (the base head for `__base__` or an adapter without one), by `routing.route_heads`."""
     mixed = current_mixed_batch()
     if mixed is None or wrapper.disable_adapters:
         return type(wrapper).forward(wrapper, x, *args, **kwargs)
-    heads = mixed.routing.heads.get(wrapper, {})
-    n = x.shape[0]
-    groups: dict[str, list[int]] = {}
-    for i, name in enumerate(mixed.names_for(n)):
-        groups.setdefault(name, []).append(i)
-    out: torch.Tensor | None = None
-    for name, rows in groups.items():
-        module = heads.get(name, wrapper.original_module)
-        index = torch.tensor(rows, device=x.device)
-
-        def take(t: Any, index: torch.Tensor = index) -> Any:
-            return t.index_select(0, index) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
-
-        y = module(take(x), *(take(a) for a in args), **{k: take(v) for k, v in kwargs.items()})
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(
-                f"Mixed-adapter batches route task heads that return one tensor; {type(module).__name__} returned "
-                f"{type(y).__name__}. Group the batch by task and use set_adapter instead."
-            )
-        if out is None:
-            out = y.new_empty((n, *y.shape[1:]))
-        out.index_copy_(0, index, y)
-    return out
+    return route_heads(mixed, mixed.routing.heads.get(wrapper, {}), wrapper.original_module, x, args, kwargs)

@@ -16,15 +16,26 @@ import contextlib
 import contextvars
 import itertools
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .constants import BASE
+from .tables import LayerTable
 
-__all__ = ["BASE", "InFlight", "LayerTable", "MixedBatch", "RWLock", "Routing", "current_mixed_batch", "mixed_batch"]
+__all__ = [
+    "BASE",
+    "InFlight",
+    "LayerTable",
+    "MixedBatch",
+    "RWLock",
+    "Routing",
+    "current_mixed_batch",
+    "mixed_batch",
+    "route_heads",
+]
 
 _CURRENT: contextvars.ContextVar[MixedBatch | None] = contextvars.ContextVar("bitfit_mixed_batch", default=None)
 
@@ -144,21 +155,6 @@ class RWLock:
 
 
 @dataclass(eq=False)
-class LayerTable:
-    """One layer's packed deltas: row 0 is zeros, one row per adapter that touches the layer.
-
-    Args:
-        table (`torch.Tensor`): `(rows, *bias_shape)`.
-        lookup (`torch.Tensor`, *optional*): global slot -> row; None when rows are numbered by slot.
-        rows (`dict[str, int]`): adapter -> row.
-    """
-
-    table: torch.Tensor
-    lookup: torch.Tensor | None
-    rows: dict[str, int]
-
-
-@dataclass(eq=False)
 class Routing:
     """A snapshot of everything a mixed call reads: slots, per-layer tables and per-adapter task heads.
 
@@ -238,6 +234,53 @@ class MixedBatch:
             rows = ids.repeat_interleave(repeat).to(device)
             self._rows[key] = rows
         return rows
+
+
+def route_heads(
+    mixed: MixedBatch,
+    heads: Mapping[str, Callable[..., Any]],
+    default: Callable[..., Any],
+    x: torch.Tensor,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    pad: bool = False,
+) -> torch.Tensor:
+    """Each row of a mixed call through its adapter's task head (`default` for `__base__` or an adapter without
+    one), for heads of any structure: rows are grouped by adapter, one call per group, then put back in order.
+
+    The one head router of both the peft-model routing (`router`) and the serving store (`serving.model.TaskHeads`).
+    With `pad`, heads of different widths (2 labels beside 6) are zero-padded to the widest in the call; without it,
+    the widths must agree.
+    """
+    kwargs = kwargs or {}
+    n = x.shape[0]
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(mixed.names_for(n)):
+        groups.setdefault(name, []).append(i)
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name, rows in groups.items():
+        module = heads.get(name, default)
+        index = torch.tensor(rows, device=x.device)
+
+        def take(t: Any, index: torch.Tensor = index) -> Any:
+            return t.index_select(0, index) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
+
+        y = module(take(x), *(take(a) for a in args), **{k: take(v) for k, v in kwargs.items()})
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(
+                f"Mixed-adapter batches route task heads that return one tensor; {type(module).__name__} returned "
+                f"{type(y).__name__}. Group the batch by task and use set_adapter instead."
+            )
+        parts.append((index, y))
+    first = parts[0][1]
+    if pad:
+        width = max(y.shape[-1] for _, y in parts)
+        out = first.new_empty((n, *first.shape[1:-1], width))
+    else:
+        out = first.new_empty((n, *first.shape[1:]))
+    for index, y in parts:
+        out.index_copy_(0, index, torch.nn.functional.pad(y, (0, width - y.shape[-1])) if pad else y)
+    return out
 
 
 def current_mixed_batch() -> MixedBatch | None:

@@ -170,3 +170,50 @@ def test_gap_encoding_handles_gaps_longer_than_a_byte() -> None:
     encoding, data = compact._encode_positions(positions, 2000)
     assert encoding == "gaps"
     assert np.array_equal(compact._decode_positions(data, "gaps", 2000), positions)
+
+
+def _base() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def _int6(x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    scale = float(x.abs().max()) / 31.0 if x.numel() else 0.0
+    return scale, (torch.round(x / scale) if scale else torch.zeros_like(x)).clamp(-31, 31).to(torch.int16)
+
+
+def test_a_new_storage_dtype_is_one_codec_entry(tmp_path) -> None:
+    """Registering a codec is all it takes: the config accepts it (and refuses it unpacked, being scaled), saving
+    encodes and loading decodes through peft, the CLI offers it, and the size accounting counts its scales."""
+    from peft import PeftModel
+
+    from bitfit_peft.cli import build_parser, parse_target
+
+    compact.register_codec(compact.Codec("int6", torch.int16, quantize=_int6))
+    try:
+        with pytest.raises(ValueError, match="packed=False cannot store save_dtype='int6'"):
+            BitFitConfig(save_dtype="int6", packed=False)
+        model = get_peft_model(_base(), BitFitConfig(task_type="SEQ_CLS", init_weights=False, save_dtype="int6"))
+        model.save_pretrained(str(tmp_path))
+        tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+        layout = compact.read_layout(tensors)
+        assert layout["dtype"] == "int6" and tensors[compact.PACKED_KEY].dtype == torch.int16
+        heads = [v for k, v in tensors.items() if "classifier" in k]
+        assert layout["heads"] and heads and all(v.dtype == torch.int16 for v in heads)  # the head is stored scaled
+        assert compact.payload_bytes(tensors) == sum(
+            t.numel() * t.element_size() for k, t in tensors.items() if k != compact.LAYOUT_KEY
+        ) + 4 * (len(layout["scales"]) + len(layout["head_scales"]))
+        loaded = PeftModel.from_pretrained(_base(), str(tmp_path))
+        want = {k: v for k, v in model.state_dict().items() if "bitfit_delta" in k}
+        got = loaded.state_dict()
+        for key, value in want.items():
+            step = float(value.abs().max()) / 31
+            assert torch.allclose(got[key], value, atol=step / 2 + 1e-7), key
+        assert parse_target("int6:0.5", "float32") == ("int6", 0.5)
+        convert = build_parser()._subparsers._group_actions[0].choices["convert"]  # type: ignore[union-attr]
+        assert "int6" in next(a.help for a in convert._actions if a.dest == "to")
+    finally:
+        del compact.CODECS["int6"]
+    with pytest.raises(ValueError, match=r"Invalid save_dtype 'int6'. Must be one of \['float32'"):
+        BitFitConfig(save_dtype="int6")

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from ..heads import MeanPooledSequenceClassifier, uses_mean_pooling
 from ..layer import BitFitLayer
-from ..routing import current_mixed_batch
+from ..routing import current_mixed_batch, route_heads
 from .adapters import AdapterError
 
 HEAD_NAMES = ("pre_classifier", "classifier", "score")
@@ -81,25 +81,7 @@ class TaskHeads(nn.Module):
         mixed = current_mixed_batch()
         if mixed is None:
             return self.original(x, *args, **kwargs)
-        heads = mixed.routing.heads.get(self, {})
-        n = x.shape[0]
-        groups: dict[str, list[int]] = {}
-        for i, name in enumerate(mixed.names_for(n)):
-            groups.setdefault(name, []).append(i)
-        parts = []
-        for name, rows in groups.items():
-            index = torch.tensor(rows, device=x.device)
-
-            def take(t: Any, index: torch.Tensor = index) -> Any:
-                return t.index_select(0, index) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
-
-            module = heads.get(name, self.original)
-            parts.append((index, module(take(x), *(take(a) for a in args), **{k: take(v) for k, v in kwargs.items()})))
-        width = max(y.shape[-1] for _, y in parts)
-        out = parts[0][1].new_zeros((n, *parts[0][1].shape[1:-1], width))
-        for index, y in parts:
-            out.index_copy_(0, index, nn.functional.pad(y, (0, width - y.shape[-1])))
-        return out
+        return route_heads(mixed, mixed.routing.heads.get(self, {}), self.original, x, args, kwargs, pad=True)
 
 
 def wrap_heads(model: nn.Module) -> dict[str, TaskHeads]:

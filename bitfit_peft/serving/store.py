@@ -201,8 +201,6 @@ class TaskStore:
             self._tables = Tables(wrap_layers(self.model, new), self.routing, dtype, capacity)
         elif new:
             self._tables.layers = wrap_layers(self.model, new)
-            for key in self._tables.layers:
-                self._tables.free_rows.setdefault(key, [])
         return self._tables
 
     def _install(self, tables: Tables, rows: dict[str, torch.Tensor], heads: dict[str, Heads], info: TaskInfo) -> None:
