@@ -33,16 +33,25 @@ def test_quickstart_and_reload_run_as_written(tmp_path: Path) -> None:
     assert re.search(r"tensor\(\[\[0\.\d+, 0\.\d+\]\]", second.stdout), second.stdout
 
 
+def section(heading: str) -> str:
+    """The README's text from `## heading` to the next `## ` heading."""
+    return README.read_text().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def bash_blocks(heading: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", section(heading), flags=re.S)
+
+
 def serve_block() -> str:
-    section = README.read_text().split("## Serve", 1)[1]
-    return re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
+    return bash_blocks("Serve")[0]
 
 
 @pytest.mark.slow
 def test_serve_command_and_curl_run_as_written(tmp_path: Path) -> None:
     """The README's serve command serves the main job's adapter directory, and its curl gets a prediction shaped like
-    the one the README shows. The adapter here is a freshly initialised one of the same kind (MiniLM, mean pooling,
-    b_q + b_m2, SST-2 labels) instead of the 6-minute main job; the port is a free one instead of 8000."""
+    the one the README shows, and its stop command stops the server. The adapter here is a freshly initialised one of
+    the same kind (MiniLM, mean pooling, b_q + b_m2, SST-2 labels) instead of the 6-minute main job; the port is a
+    free one instead of 8000."""
     import json
     import signal
     import socket
@@ -56,14 +65,16 @@ def test_serve_command_and_curl_run_as_written(tmp_path: Path) -> None:
     base = MeanPooledSequenceClassifier.from_pretrained(path, num_labels=2)
     config = BitFitConfig(task_type="SEQ_CLS", bias_terms=["query", "intermediate"], labels=["0", "1"])
     get_peft_model(base, config).save_pretrained(str(tmp_path / "out" / "sst2-bitfit"))
-    block = serve_block()
+    block, stop = bash_blocks("Serve")[:2]
     lines = [line for line in block.strip().splitlines() if not line.startswith("pip install")]
     assert len(lines) == 2 and "pip install" in block, block
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    script = "\n".join(lines).replace("8000", str(port))
-    script = script.replace("&\ncurl", "&\nSERVER=$!\ncurl") + "\nkill $SERVER; wait $SERVER\n"
+    # The README's lines as written (port aside), then its stop command; `wait` reports how the server ended.
+    script = (
+        "\n".join(lines).replace("8000", str(port)) + f'\n{stop.strip()}\nwait $SERVER\necho -e "\\nserver exit $?"\n'
+    )
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -90,3 +101,21 @@ def test_serve_command_and_curl_run_as_written(tmp_path: Path) -> None:
     shown = json.loads(re.findall(r"```\n(\{.*?\})\n```", README.read_text().split("## Serve", 1)[1], re.S)[0])
     assert answer.keys() == shown.keys() and answer["task"] == shown["task"] == "sst2-bitfit", (out, err[-2000:])
     assert answer["label"] in ("0", "1") and abs(sum(answer["scores"].values()) - 1) < 1e-5
+    # Stopped by the README's command, cleanly: uvicorn drains, then ends by the SIGTERM it caught (143 = 128 + 15).
+    assert "Application shutdown complete" in out + err and "server exit 143" in out, (out[-2000:], err[-3000:])
+
+
+def test_readme_and_ci_run_the_same_test_command() -> None:
+    """One test command, one truth: the README's Tests section names `.ci/test`, and CI's `.ci/run` runs that script
+    rather than a pytest command of its own that could drift from it."""
+    ci = README.parent / ".ci"
+    assert [block.strip() for block in bash_blocks("Tests")] == [".ci/test"], bash_blocks("Tests")
+    assert os.access(ci / "test", os.X_OK), "the README runs .ci/test directly: it must be executable"
+    run_lines = [line.strip() for line in (ci / "run").read_text().splitlines()]
+    commands = [line for line in run_lines if line and not line.startswith("#")]
+    assert ".ci/test" in commands, commands
+    # Any other pytest run in CI is on named files (the transformers 5.23 run), never the whole suite again.
+    whole_suite = [c for c in commands if re.search(r"pytest(\s+tests)?\s*$", c)]
+    assert not whole_suite, whole_suite
+    script = (ci / "test").read_text()
+    assert 'python -m pytest "${@:-tests}"' in script and "-c .ci/constraints.txt" in script, script
