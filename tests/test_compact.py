@@ -217,3 +217,42 @@ def test_a_new_storage_dtype_is_one_codec_entry(tmp_path) -> None:
         del compact.CODECS["int6"]
     with pytest.raises(ValueError, match=r"Invalid save_dtype 'int6'. Must be one of \['float32'"):
         BitFitConfig(save_dtype="int6")
+
+
+# gaps of 254-256, 509-511 and 765-766 sit on either side of one, two and three escape bytes (255 each)
+STRADDLING_GAPS = [254, 255, 256, 509, 510, 511, 765, 766, 0, 1]
+
+
+def test_sparse_gaps_that_straddle_the_escape_value_round_trip_exactly() -> None:
+    positions = np.cumsum(np.array(STRADDLING_GAPS) + 1) - 1  # a gap of g: g positions skipped before the next
+    total = int(positions[-1]) + 300  # the last kept position is not the last one
+    encoding, data = compact._encode_positions(positions, total)
+    assert encoding == "gaps"
+    assert np.array_equal(compact._decode_positions(data, "gaps", total), positions)
+    # the same through encode/decode: the kept values are the only large ones
+    values = torch.full((total,), 1e-3)
+    values[torch.from_numpy(positions)] = torch.arange(1, len(positions) + 1, dtype=torch.float32)
+    encoded = compact.encode({"m.bitfit_delta": values}, "float32", keep_fraction=len(positions) / total)
+    assert compact.read_layout(encoded)["sparse"]["encoding"] == "gaps"
+    expected = torch.zeros(total)
+    expected[torch.from_numpy(positions)] = values[torch.from_numpy(positions)]
+    assert torch.equal(compact.decode(encoded)["m.bitfit_delta"], expected)
+
+
+@pytest.mark.parametrize(("dtype", "keep"), [("float32", None), ("int8", None), ("bfloat16", 0.5)])
+def test_keys_in_unsorted_order_keep_their_own_values(dtype: str, keep: float | None) -> None:
+    """The layout lists keys in the state dict's order; a reader or writer that sorts one side only would hand each
+    value to another key (and a value of another size would not even reshape)."""
+    names = ["z.bitfit_delta", "a.bitfit_delta", "m.x.bitfit_delta", "b.bitfit_delta"]
+    pattern = torch.tensor([1.0, -1.5, 0.5, 2.0])
+    state = {name: pattern * (i + 1) for i, name in enumerate(names)}
+    state["q.bitfit_delta"] = torch.tensor([8.0, -6.0])  # another size: a misplaced split shifts every value after
+    out = compact.decode(compact.encode(state, dtype, keep))
+    assert list(out) == list(state)
+    for key, value in state.items():
+        expected = value
+        if keep is not None:
+            kept = value.abs().topk(round(keep * value.numel())).indices
+            expected = torch.zeros_like(value).index_copy(0, kept, value[kept])
+        step = float(value.abs().max()) / 127  # int8's step; bfloat16 errs by less on these values
+        assert torch.allclose(out[key], expected, rtol=0, atol=step / 2 + 1e-6), key

@@ -573,3 +573,124 @@ def test_set_adapter_touches_only_the_adapters_that_change() -> None:
     with model.disable_adapter():
         assert trainable() == set()
     assert trainable() == {"t0", "t2"}
+
+
+# --------------------------------------------------------------------- regressions a one-line bug could pass by
+def _base_biases(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    return {
+        k: None if m.get_base_layer().bias is None else m.get_base_layer().bias.detach().clone()
+        for k, m in model.named_modules()
+        if isinstance(m, BitFitLayer)
+    }
+
+
+@pytest.mark.parametrize("add_missing_bias", [False, True])
+def test_merging_two_adapters_in_two_calls_then_unmerging_restores_the_base_biases_bit_for_bit(
+    add_missing_bias: bool,
+) -> None:
+    """A second merge must not take the pre-merge snapshot again: that would restore base + A, not the base."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=37
+    )
+    base = transformers.LlamaForCausalLM(config) if add_missing_bias else bert()
+    cfg = dict(init_weights=False, add_missing_bias=add_missing_bias)
+    model = get_peft_model(base.eval(), BitFitConfig(**cfg))  # type: ignore[arg-type]
+    model.add_adapter("b", BitFitConfig(**cfg))  # type: ignore[arg-type]
+    before = _base_biases(model)
+    model.merge_adapter(["default"])
+    merged_a = _base_biases(model)
+    model.merge_adapter(["b"])
+    assert any(v is not None and not torch.equal(v, merged_a[k]) for k, v in _base_biases(model).items())
+    model.unmerge_adapter()
+    after = _base_biases(model)
+    assert after.keys() == before.keys()
+    for key, bias in before.items():
+        if bias is None:
+            assert after[key] is None, f"{key}: a bias that merge created must go away again"
+        else:
+            assert torch.equal(after[key], bias), key  # type: ignore[arg-type]
+    assert any(v is None for v in before.values()) == add_missing_bias
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_per_key_bfloat16_file_without_autocast_gives_deltas_in_the_base_dtype(
+    tmp_path: Path, base_dtype: torch.dtype, low_cpu_mem_usage: bool
+) -> None:
+    """peft's promise for autocast_adapter_dtype=False: the adapter keeps the base model's dtype, whatever dtype the
+    file stores. A packed file decodes to float32 anyway, so only a one-tensor-a-key file can tell."""
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False, save_dtype="bfloat16"))
+    model.peft_config["default"].packed = False
+    model.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if "bitfit_delta" in k} == {torch.bfloat16}  # noqa: SIM118
+    saved = {n: p.detach().to(torch.bfloat16) for n, p in model.named_parameters() if "bitfit_delta" in n}
+    loaded = PeftModel.from_pretrained(
+        bert().to(base_dtype), str(tmp_path), autocast_adapter_dtype=False, low_cpu_mem_usage=low_cpu_mem_usage
+    )
+    got = {n: p.detach() for n, p in loaded.named_parameters() if "bitfit_delta" in n}
+    assert got.keys() == saved.keys()
+    for name, delta in got.items():
+        assert delta.dtype == base_dtype, name
+        assert torch.equal(delta, saved[name].to(base_dtype)), name
+
+
+def test_hotswap_whose_last_delta_has_the_wrong_shape_raises_and_changes_nothing() -> None:
+    """Every shape is checked before the first write: a check inside the write loop would have written all the
+    deltas before the last one."""
+    model = get_peft_model(transformers.BertModel(transformers.BertConfig(**BERT)).eval(), BitFitConfig())
+    from peft import get_peft_model_state_dict
+
+    state = {k: torch.full_like(v, 0.25) for k, v in get_peft_model_state_dict(model).items()}
+    keys = list(state)
+    assert all("bitfit_delta" in k for k in keys)  # no head: the last key is the last delta written
+    state[keys[-1]] = torch.zeros(state[keys[-1]].shape[0] + 1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"Cannot hotswap .*bitfit_delta: shape \(\d+,\) in the checkpoint"):
+        hotswap_adapter(model, state)
+    assert_same(before, snapshot(model))
+    # and the same file without the bad entry swaps every value
+    state[keys[-1]] = torch.full_like(
+        before["state"][f"{keys[-1].removesuffix('bitfit_delta')}bitfit_delta.default"], 0.25
+    )  # type: ignore[index]
+    hotswap_adapter(model, state)
+    assert all(bool((p == 0.25).all()) for n, p in model.named_parameters() if "bitfit_delta" in n)
+
+
+def test_gpt2_fused_query_rows_follow_an_optimizer_step() -> None:
+    """bias_terms=["query"] on GPT-2 covers a slice of the fused c_attn bias, so the table rows are copies, not
+    views: after an optimizer step on the delta, the next mixed call must equal the adapter alone."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=99, n_positions=32)
+    model = get_peft_model(
+        transformers.GPT2LMHeadModel(config), BitFitConfig(bias_terms=["query"], init_weights=False)
+    )
+    model.add_adapter("b", BitFitConfig(bias_terms=["query"], init_weights=False))
+    layer = next(m for m in model.modules() if isinstance(m, BitFitLayer))
+    assert "b" in layer.bitfit_index  # the fused slice
+    ids = torch.randint(1, 99, (4, 7), generator=torch.Generator().manual_seed(1))
+    names = ["b", "default", "__base__", "b"]
+
+    def run(**kw: object) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids, **kw).logits
+
+    model.eval()
+    first = run(adapter_names=names)
+    model.train()
+    model.set_adapter("b")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=1.0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    for p in trainable:  # query-bias gradients of a random tiny model are ~1e-6: take a step that shows
+        p.grad = torch.ones_like(p)
+    opt.step()
+    model.eval()
+    mixed = run(adapter_names=names)
+    alone = run()
+    assert not torch.allclose(mixed[0], first[0], atol=1e-4)  # the step changed adapter b
+    assert torch.allclose(mixed[0], alone[0], atol=1e-5) and torch.allclose(mixed[3], alone[3], atol=1e-5)
+    assert torch.equal(mixed[1], first[1])

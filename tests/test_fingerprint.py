@@ -168,3 +168,15 @@ def test_real_minilm_adapter_warns_on_a_perturbed_copy(tmp_path) -> None:
         perturbed.encoder.layer[3].intermediate.dense.bias[7] += 1e-4
     with pytest.warns(UserWarning, match=rf"saved from {model_path} \(base fingerprint {saved['base_fingerprint']}\)"):
         PeftModel.from_pretrained(perturbed, str(tmp_path / "a"))
+
+
+def test_the_order_in_which_targets_are_listed_does_not_matter() -> None:
+    """The same adapter saved by another tool (or a state dict in another order) lists its keys in another order: the
+    fingerprint of the same base must not change, while another set of targets still gives another one."""
+    base = _bert(0)
+    reference = fingerprint(base, TARGETS)
+    for order in (TARGETS[::-1], TARGETS[1:] + TARGETS[:1], [TARGETS[2], TARGETS[0], TARGETS[3], TARGETS[1]]):
+        assert fingerprint(base, order) == reference, order
+    keys = [f"base_model.model.{t}.bitfit_delta" for t in TARGETS]
+    assert fingerprint(base, keys[::-1]) == fingerprint(base, keys) == reference
+    assert fingerprint(base, TARGETS[:3]) != reference

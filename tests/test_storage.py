@@ -63,8 +63,15 @@ def test_every_entry_point_loads_the_same_deltas(
     # What the file holds, decoded: the reference every entry point must reproduce exactly.
     state = compact.decode(stored)
     expected = {k: state[f"base_model.model.{k}.bitfit_delta"] for k in deltas(model)}
-    if save_dtype is None and keep is None:
-        assert all(torch.equal(expected[k], v) for k, v in deltas(model).items()), "float32 must be lossless"
+    # ... and it is the saved model's deltas, key by key, within what the dtype and the sparsity promise (a layout
+    # that gave each key another's values would agree with itself through every entry point below)
+    step = {None: 0.0, "bfloat16": 2**-8, "float16": 2**-11, "int8": 0.5 / 127}[save_dtype]
+    for key, value in deltas(model).items():
+        kept = (
+            torch.arange(value.numel()) if keep is None else value.abs().topk(max(1, round(keep * value.numel())))[1]
+        )
+        want = torch.zeros_like(value).index_copy(0, kept, value[kept])
+        assert torch.allclose(expected[key], want, rtol=0, atol=step * float(value.abs().max()) + 1e-7), key
     packed = keep is not None or save_dtype is not None
     assert compact.is_packed(stored) == packed
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["packed"] == packed

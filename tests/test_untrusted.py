@@ -158,3 +158,19 @@ def test_pickle_only_directory_needs_an_explicit_opt_in(tmp_path: Path) -> None:
         loaded = PeftModel.from_pretrained(bert(), str(tmp_path / "bin"))
     for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+@pytest.mark.parametrize("save_dtype", ["bfloat16", "float16"])
+def test_nan_or_inf_in_a_plain_half_precision_file_is_refused_like_float32(
+    save_dtype: str, value: float, tmp_path: Path
+) -> None:
+    _, path = trained(tmp_path, save_dtype=save_dtype, packed=False)
+    tensors = load_file(path / WEIGHTS)
+    deltas = [k for k, v in tensors.items() if "bitfit_delta" in k]
+    assert {tensors[k].dtype for k in deltas} == {getattr(torch, save_dtype)}
+    last = deltas[-1]  # one bad value in one tensor, not the first: a check of the first tensor only misses it
+    bad = tensors[last].clone()
+    bad[-1] = value
+    save_file({**tensors, last: bad}, path / WEIGHTS)
+    refused(path, rf"tensor {last} holds NaN or inf values .*load_policy\(allow_nonfinite=True\)")
