@@ -4,7 +4,9 @@
 rows of the input embeddings, rounded to bfloat16 precision and written as float32 little-endian bytes in module-name
 order: a few hundred kilobytes at most, never the whole model. The rounding makes a float32 base and its bfloat16
 cast (a server running `--dtype bfloat16`) the same base, while another checkpoint or a fine-tuned one still differs;
-a float16 cast may not match (rounding twice can land on another bfloat16 value) and then warns. It is computed on the
+a float16 cast may not match (rounding twice can land on another bfloat16 value) and then warns. A quantized target
+weight (bitsandbytes, torchao) adds a marker instead of its row: any quantized load of a checkpoint matches itself,
+and differs from the float load of it (the weights the adapter was trained against do differ). It is computed on the
 base weights: BitFit layers are looked through to the layer they wrap, and merged adapters are refused.
 """
 
@@ -78,11 +80,14 @@ def fingerprint(model: nn.Module, target_keys: list[str] | None = None) -> str:
     digest = hashlib.sha256()
     for name in names:
         module = modules[name]
-        _update(digest, _param(module, "bias"))
-        weight = _param(module, "weight")
-        _update(digest, None if weight is None else weight[0] if weight.dim() > 1 else weight)
-    weight = _param(_input_embeddings(base), "weight")
-    if weight is not None and weight.dim() == 2:
+        _update(digest, _plain(_param(module, "bias")))
+        weight = _plain(_param(module, "weight"))
+        if weight is _QUANTIZED:
+            digest.update(b"\x00quantized")
+        else:
+            _update(digest, None if weight is None else weight[0] if weight.dim() > 1 else weight)
+    weight = _plain(_param(_input_embeddings(base), "weight"))
+    if weight is not None and weight is not _QUANTIZED and weight.dim() == 2:
         n = weight.shape[0]
         _update(digest, weight[[0, n // 2, n - 1]])
     return f"{ALGORITHM}:{digest.hexdigest()[:HEX_CHARS]}"
@@ -120,6 +125,23 @@ def _unwrapped_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _param(module: nn.Module | None, name: str) -> torch.Tensor | None:
     value = getattr(module, name, None)
     return value if isinstance(value, torch.Tensor) else None
+
+
+_QUANTIZED = torch.empty(0)  # marker: a quantized weight (its first row is not a float row of the checkpoint)
+
+
+def _plain(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor as a plain float tensor to hash: a sharded DTensor (FSDP2) gathered, one layer at a time (a
+    collective: every rank computes the fingerprint together); a quantized weight (bitsandbytes' 4/8-bit storage,
+    torchao tensor subclasses) gives `_QUANTIZED`, as its stored values depend on the quantization and, for
+    bitsandbytes' CPU kernels, on whether it ran yet, so any quantized load of one checkpoint gives one fingerprint."""
+    if tensor is None:
+        return None
+    if hasattr(tensor, "full_tensor"):  # torch.distributed.tensor.DTensor
+        tensor = tensor.full_tensor()
+    if not tensor.is_floating_point() or type(tensor) not in (torch.Tensor, nn.Parameter):
+        return _QUANTIZED
+    return tensor
 
 
 def _update(digest: hashlib._Hash, tensor: torch.Tensor | None) -> None:

@@ -132,9 +132,11 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         unless `autocast_adapter_dtype=False` (peft's convention for every method): bias updates are small, and
         bf16 would round most of them away.
         """
-        param = next((p for p in self.base_layer.parameters() if p.is_floating_point()), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None else torch.float32
+        # A quantized base layer stores its weight as integers (bitsandbytes) or a tensor subclass (torchao): the
+        # delta goes on the weight's device, in the layer's compute dtype (see `_compute_dtype`), never in storage's.
+        any_param = next(self.base_layer.parameters(), None)
+        device = any_param.device if any_param is not None else torch.device("cpu")
+        dtype = self._compute_dtype(torch.float32)
         shape = (len(positions),) if positions is not None else self._shape
         delta = torch.zeros(shape, dtype=torch.float32, device=device)
         if not init_weights:
@@ -196,12 +198,15 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         return total
 
     def _compute_dtype(self, fallback: torch.dtype) -> torch.dtype:
+        """The dtype the layer computes in: its float weight's or bias's, else a quantized layer's `compute_dtype`
+        (bitsandbytes' Linear4bit; torchao subclasses report their float dtype as `.dtype`), else `fallback`."""
         params = self._base_params()
         for name in ("weight", "bias"):
             t = params.get(name)
             if t is not None and t.is_floating_point():
                 return t.dtype
-        return fallback
+        compute = getattr(self.base_layer, "compute_dtype", None)
+        return compute if isinstance(compute, torch.dtype) else fallback
 
     def _with_base_bias(self, delta: torch.Tensor) -> torch.Tensor:
         """base bias + delta, computed in the delta's dtype and returned in the layer's dtype."""
