@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "adapter": None if args.adapter is None else str(args.adapter),
         "method": "base zero-shot",
         "eval_size": len(dev),
+        "max_new_tokens": args.max_new_tokens,
         "accuracy": correct / len(dev),
         "unparsed": sum(p is None for p in parsed),
         "eval_seconds": round(eval_seconds, 1),
