@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,6 +83,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Task
             str(base), str(root / "adapters"), replicas=2, num_cpus=0.5, threads=1, batch_wait_timeout_s=0.05
         )
         serve.run(app, route_prefix="/")
+        # a decoder base beside it, as a second application: the same app serves generation and streaming
+        decoder = save_base(root / "decoder", "gpt2")
+        for i in range(2):
+            save_adapter(decoder, root / "generators" / f"g{i}", seed=i)
+        generator = build_app(str(decoder), str(root / "generators"), replicas=1, num_cpus=0.5, threads=1)
+        serve.run(generator, name="gen", route_prefix="/gen")
         yield f"http://127.0.0.1:{port}", TaskStore.open(str(base), str(root / "adapters"))
     finally:
         serve.shutdown()
@@ -130,3 +137,31 @@ def test_unknown_task_404_blank_input_422_too_long_413_unless_truncated_and_the_
     assert ids[0] == store.base_name and sorted(ids[1:]) == sorted(HEADS)
     with urllib.request.urlopen(f"{url}/openapi.json", timeout=30) as response:  # the same app as bitfit-peft serve
         assert {"/v1/predict/batch", "/v1/adapters", "/metrics", "/ready"} <= set(json.loads(response.read())["paths"])
+
+
+def test_generation_and_streaming_through_the_same_app(served: tuple[str, TaskStore]) -> None:
+    """A decoder replica answers OpenAI completions, streamed or not, equal to the engine's offline greedy output."""
+    openai = pytest.importorskip("openai", reason="the test extra: pip install openai")
+    from bitfit_peft.serving.engine import GenerationEngine, SamplingParams
+
+    url, store = served
+    root = Path(store.base_name).parent
+    client = openai.OpenAI(base_url=f"{url}/gen/v1", api_key="unused", max_retries=0, timeout=60)
+    local = TaskStore.open(str(root / "decoder"), str(root / "generators"))
+    engine = GenerationEngine(local)
+    engine.start()
+    try:
+        for i in range(4):
+            task, prompt = f"g{i % 2}", text(20 + i)
+            want = engine.submit(task, prompt, SamplingParams(max_tokens=6, temperature=0)).result(timeout=60)
+            got = client.completions.create(model=task, prompt=prompt, max_tokens=6, temperature=0)
+            assert (got.choices[0].text, got.usage.completion_tokens) == (want.text, want.completion_tokens)
+            chunks = list(
+                client.completions.create(model=task, prompt=prompt, max_tokens=6, temperature=0, stream=True)
+            )
+            assert "".join(c.choices[0].text for c in chunks) == want.text
+            assert chunks[-1].choices[0].finish_reason == want.finish_reason
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="nope", prompt="w1", max_tokens=2)
+    finally:
+        engine.close(30)

@@ -367,7 +367,9 @@ def test_generate_on_a_decoder_base_equals_the_offline_generation(tmp_path: Path
         r = client.post("/v1/generate", json={"task": "g0", "prompt": "w1", "max_new_tokens": 9})
         assert r.status_code == 422 and "more than the server allows (8)" in r.json()["error"]
         r = client.post("/v1/predict", json={"task": "g0", "inputs": "w1"})
-        assert r.status_code == 400 and "is a decoder" in r.json()["error"]
+        assert r.status_code == 404  # a decoder base serves no predict route (nor lists one in its schema)
+        paths = client.get("/openapi.json").json()["paths"]
+        assert "/v1/predict" not in paths and {"/v1/completions", "/v1/chat/completions"} <= set(paths)
 
 
 def test_batches_close_at_max_batch_size_and_a_lone_item_at_max_wait(store: TaskStore) -> None:

@@ -37,7 +37,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=1024, help="Most queued items; beyond it requests get 429.")
     p.add_argument("--max-length", type=int, default=128, help="Longest input in tokens (413 beyond, or truncate).")
     p.add_argument("--max-items-per-request", type=int, default=256, help="Most items in one mixed request.")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="Largest max_new_tokens a request may ask.")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="Largest max_tokens a generation request may ask.")
+    p.add_argument("--max-tokens-in-flight", type=int, default=16384,
+                   help="Generation KV budget: prompt + max_tokens of all running requests; beyond it 429.")  # fmt: skip
+    p.add_argument("--max-running", type=int, default=64, help="Most generation requests decoding at once.")
+    p.add_argument("--prefill-chunk", type=int, default=128,
+                   help="Prompt tokens prefilled per engine step (long prompts do not stall running decodes).")  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="Model dtype.")
     p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...).")
     p.add_argument(
@@ -79,6 +84,9 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         max_length=args.max_length,
         max_items_per_request=args.max_items_per_request,
         max_new_tokens=args.max_new_tokens,
+        max_tokens_in_flight=args.max_tokens_in_flight,
+        max_running=args.max_running,
+        prefill_chunk=args.prefill_chunk,
         dtype=args.dtype,
         device=args.device,
         forward_cost_tokens=args.forward_cost_tokens,

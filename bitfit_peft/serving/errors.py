@@ -114,6 +114,7 @@ class OverloadedError(ServingError):
     """The queue, or the generation budget of tokens in flight, is full: 429 with `Retry-After`."""
 
     status, error_type, retry = 429, "overloaded", True
+    retry_after_s: float | None = None  # the engine's estimate, when it has one (else the server's setting)
 
 
 class DrainingError(ServingError, RuntimeError):

@@ -85,6 +85,8 @@ class ServerMetrics:
         )
         self.batch_failures = Counter("bitfit_batch_item_failures", "Items whose model call raised.", registry=r)
         self.resident = Gauge("bitfit_resident_adapters", "Adapters (tasks) loaded now.", registry=r)
+        self.first_token = Histogram("bitfit_time_to_first_token_seconds", "From submit to a request's first token.", buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.generated_tokens = Counter("bitfit_generated_tokens", "Tokens generated (finished requests).", registry=r)
         self.adapter_ops = Histogram(
             "bitfit_adapter_operation_seconds",
             "Duration of adapter loads, hotswaps and unloads done through the admin routes.",
@@ -104,6 +106,20 @@ class ServerMetrics:
             self.queue_wait.observe(wait)
         if stats.failed:
             self.batch_failures.inc(stats.failed)
+
+    # GenerationObserver (serving.engine): one decode step is one batch; a finished request is one item
+    def on_generation(self, event: str, data: dict[str, Any]) -> None:
+        if event == "step" and data["rows"]:
+            self.batch_size.observe(data["rows"])
+            self.batch_tasks.observe(data["tasks"])
+            if data["tasks"] > 1:
+                self.mixed_batches.inc()
+            self.batch_seconds.observe(data["seconds"])
+        elif event == "first_token":
+            self.first_token.observe(data["seconds"])
+        elif event == "finish":
+            self.items.labels(task=self.task_label(data["task"])).inc()
+            self.generated_tokens.inc(data["completion_tokens"])
 
     def on_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)

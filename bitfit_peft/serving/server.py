@@ -68,7 +68,8 @@ def create_app(settings: ServeSettings, store: TaskStore | None = None) -> FastA
 def error_response(request: Request, status: int, message: str, error_type: str, **extra: Any) -> JSONResponse:
     """An error answer in the route's shape: OpenAI's on the OpenAI routes, `ErrorResponse` elsewhere."""
     headers = extra.pop("headers", None)
-    if is_openai(request.url.path):
+    route = request.scope.get("route")  # the route's own path: under a mount or Ray's route_prefix the URL differs
+    if is_openai(getattr(route, "path", None) or request.url.path):
         status = 400 if status == 422 else status  # OpenAI answers invalid values with 400
         body: dict[str, Any] = {"error": {"message": message, "type": error_type, "param": extra.get("param"), "code": status}}  # fmt: skip
     else:
@@ -103,7 +104,7 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
         for e in errors
     ]
     fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in detail)
-    if is_openai(request.url.path):
+    if is_openai(getattr(request.scope.get("route"), "path", None) or request.url.path):
         param = ".".join(str(p) for p in detail[0]["loc"][1:]) if detail else None
         return error_response(request, 400, f"Invalid request: {fields}", "invalid_request_error", param=param)
     return error_response(request, 422, f"Invalid request: {fields}", "invalid_request", detail=detail)

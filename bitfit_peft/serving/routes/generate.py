@@ -44,7 +44,6 @@ def _submit(svc: Service, request: Request, model: str, prompt: Any, body: Any, 
                                 seed=body.seed, stop=body.stops())  # fmt: skip
     except ValueError as exc:
         raise BadInputError(str(exc)) from None
-    svc.metrics.items.labels(task=request.state.task).inc()
     return svc.engine.submit(task, prompt, params)
 
 
