@@ -15,6 +15,7 @@ CASE_IDS = {
     "scaling": "6. Scaling",
     "store": "7. Bulk adapter loading (serving store)",
     "serving": "8. Serving under HTTP load",
+    "generate": "9. Generation serving (OpenAI streaming)",
 }
 
 

@@ -20,6 +20,7 @@ import torch
 
 from . import (
     case_files,
+    case_generate,
     case_inference,
     case_memory,
     case_mixed,
@@ -49,6 +50,7 @@ CASES: dict[str, Callable[[Settings], dict[str, Any]]] = {
     "scaling": case_scaling.run,
     "store": _store_case,
     "serving": case_serving.run,
+    "generate": case_generate.run,
 }
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = ("training", "memory", "inference", "mixed", "files", "scaling", "store", "serving")
+CASES = ("training", "memory", "inference", "mixed", "files", "scaling", "store", "serving", "generate")
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,30 @@ def test_serving_case_measures_every_variant_over_http(quick_run: Path) -> None:
     assert all(p["p99_s"] > 0 for paced in case["paced"].values() for p in paced)
     assert set(case["memory"]) == {"ab", "c", "d"} and all(m["private"] > 0 for m in case["memory"].values())
     assert len(case["targets"]) == 2 + len(ks) and len(case["tables"]) == 3
+
+
+@pytest.mark.slow
+def test_generate_case_streams_from_every_variant(quick_run: Path) -> None:
+    """The generation case's quick mode: every server answered every streamed request with tokens, the head-of-line
+    pairs and the one-stream runs were measured, and our server's greedy stream equals `PeftModel.generate` offline."""
+    case = json.loads((quick_run / "results.json").read_text())["cases"]["generate"]
+    cfg = case["config"]
+    variants = {"ours", "static", "transformers"}
+    expected = {f"ours C={c} k={k}" for c in cfg["concurrency"] for k in cfg["ks"]}
+    expected |= {f"static C={c} k={max(cfg['ks'])}" for c in cfg["concurrency"]}
+    assert set(case["throughput"]) == expected | {f"transformers C={c}" for c in cfg["concurrency"]}
+    for name, runs in case["throughput"].items():
+        streams = int(name.split("C=")[1].split()[0])
+        for r in runs:
+            assert r["errors"] == 0, (name, r["first_error"])
+            assert r["requests"] == streams * cfg["per_stream"] and r["tokens"] > 0 and r["ttft_p50_s"] > 0, (name, r)
+    assert set(case["hol"]) == variants
+    for name, runs in case["hol"].items():
+        assert all(not x[p].get("error") for x in runs for p in ("alone", "short", "long")), (name, runs)
+        assert all(x["long"]["tokens"] > x["short"]["tokens"] > 0 for x in runs), (name, runs)
+    assert set(case["single"]) == variants | {"offline"}
+    assert case["single_same_text"] is True  # greedy over HTTP == PeftModel.generate with the same adapter
+    assert len(case["targets"]) == 3 * len(cfg["concurrency"]) + 2 and len(case["tables"]) == 3
 
 
 def _run_module(args: list[str]) -> subprocess.CompletedProcess[str]:
