@@ -35,7 +35,6 @@ from .handle import GenerationHandle
 from .kv import SlotCache, TokenPool, attention_mask
 from .sampling import Completion, SamplingParams, TextTracker, choose
 from .store import TaskStore
-from .threads import prepare_worker_thread
 
 __all__ = [
     "Completion",
@@ -206,7 +205,6 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ the engine's thread
     def _run(self) -> None:
-        prepare_worker_thread()
         try:
             while True:
                 with self._cond:
