@@ -14,8 +14,9 @@ from typing import Any
 
 from torch import nn
 
+from . import layer_types
 from .constants import BIAS_TERMS
-from .layer_types import NORM_TYPES, base_of
+from .layer_types import base_of
 
 __all__ = ["ARCHITECTURES", "BIAS_TERMS", "TASK_HEADS", "Rule", "classify_module", "matches", "slice_positions"]
 
@@ -150,7 +151,7 @@ def classify_module(model_type: str | None, module_name: str, module: nn.Module 
     >>> classify_module("bert", "bert.encoder.layer.3.attention.output.dense")
     'attention_output'
     """
-    if module is not None and isinstance(base_of(module), NORM_TYPES):
+    if module is not None and isinstance(base_of(module), layer_types.NORM_TYPES):
         return "layernorm"
     terms = [
         t

@@ -65,6 +65,10 @@ class BitFitConfig(PeftConfig):
             `save_dtype` is `"bfloat16"`, `"float16"` or `"int8"` or `keep_fraction` is set, one tensor per bias for
             float32. `save_pretrained` records what it wrote. Packed files load through peft (`PeftModel`, `load_adapter`, `hotswap_adapter`, `AutoPeftModel*`);
             transformers' `model.load_adapter` reads tensors by name and refuses them with an error saying so.
+        head (`str`, *optional*):
+            Filled in by `save_pretrained`: `"mean_pooling"` for a `MeanPooledSequenceClassifier`, else the model's
+            class (`"BertForSequenceClassification"`). Loading the adapter onto a model with another head raises,
+            naming the class to load it onto. Adapters without it load as before.
         base_fingerprint (`str`, *optional*):
             Filled in by `save_pretrained`: a hash of the base model's targeted biases and a few weight rows
             (`bitfit_peft.fingerprint`). Loading onto a base with another fingerprint warns, or raises inside
@@ -142,6 +146,13 @@ class BitFitConfig(PeftConfig):
             "or keep_fraction, one per bias for float32. save_pretrained records the choice."
         },
     )
+    head: str | None = field(
+        default=None,
+        metadata={
+            "help": "The model the adapter was trained on: 'mean_pooling' (MeanPooledSequenceClassifier) or the "
+            "transformers class; filled in by save_pretrained. Loading onto a model with another head is refused."
+        },
+    )
     base_fingerprint: str | None = field(
         default=None,
         metadata={
@@ -189,6 +200,8 @@ class BitFitConfig(PeftConfig):
                 f"packed=False cannot store save_dtype={self.save_dtype!r} / keep_fraction={self.keep_fraction!r}: "
                 "scales (int8) and sparse positions live in the packed layout. Leave packed unset (or True)."
             )
+        if self.head is not None and not isinstance(self.head, str):
+            raise ValueError(f"head must be a string (e.g. 'mean_pooling') or None, got {self.head!r}.")
         if self.base_fingerprint is not None and not isinstance(self.base_fingerprint, str):
             raise ValueError(f"base_fingerprint must be a string or None, got {self.base_fingerprint!r}.")
         if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):

@@ -21,7 +21,14 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-__all__ = ["MeanPoolingHead", "MeanPooledSequenceClassifier", "uses_mean_pooling"]
+__all__ = [
+    "MEAN_POOLING",
+    "MeanPoolingHead",
+    "MeanPooledSequenceClassifier",
+    "check_head",
+    "head_kind",
+    "uses_mean_pooling",
+]
 
 ProblemType = Literal["regression", "single_label_classification", "multi_label_classification"]
 
@@ -183,3 +190,46 @@ def uses_mean_pooling(name_or_path: str | os.PathLike) -> bool:
         return False
     with open(path, encoding="utf-8") as f:
         return bool(json.load(f).get("pooling_mode_mean_tokens", False))
+
+
+MEAN_POOLING = "mean_pooling"  # `BitFitConfig.head` of adapters trained on a `MeanPooledSequenceClassifier`
+
+
+def head_kind(model: nn.Module) -> str:
+    """What `BitFitConfig.head` records for a model (a peft model is unwrapped): `"mean_pooling"` for a
+    `MeanPooledSequenceClassifier`, else the model's class name (e.g. `"BertForSequenceClassification"`).
+
+    Example:
+
+        >>> head_kind(torch.nn.Linear(2, 2))
+        'Linear'
+    """
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    return MEAN_POOLING if isinstance(base, MeanPooledSequenceClassifier) else type(base).__name__
+
+
+def check_head(recorded: str | None, model: nn.Module, has_head: bool) -> None:
+    """Refuse to load an adapter trained with the head `recorded` onto `model` when the model has another head: a
+    mean-pooling head on one side, or another class while the adapter carries a task head (`has_head`). Adapters
+    saved before the field existed (`recorded` None) are not checked.
+
+    Raises:
+        ValueError: naming both heads and the class to load the adapter onto.
+    """
+    if recorded is None:
+        return
+    current = head_kind(model)
+    if recorded == current or not (has_head or MEAN_POOLING in (recorded, current)):
+        return
+    if recorded == MEAN_POOLING:
+        fix = (
+            "load it onto bitfit_peft.MeanPooledSequenceClassifier.from_pretrained(base, num_labels=N) (the task "
+            "head is a masked mean over the tokens, then `classifier.out_proj`)"
+        )
+    else:
+        fix = f"load it onto {recorded} (e.g. AutoModelFor... of the same task, which builds {recorded})"
+    raise ValueError(
+        f"This adapter was trained with the head {recorded!r} but the model it is being loaded onto has the head "
+        f"{current!r}: {fix}. The model was left as it was."
+    )

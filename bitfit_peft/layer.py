@@ -56,19 +56,6 @@ def state_update() -> Iterator[None]:
         yield
 
 
-def _features(layer: Any) -> tuple[int, int]:
-    """(in_features, out_features) of a supported layer, as peft's layers expose them."""
-    weight = getattr(layer, "weight", None)
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    if hasattr(layer, "nf") and weight is not None:  # transformers' Conv1D: weight is (in, out)
-        return int(weight.shape[0]), int(layer.nf)
-    if hasattr(layer, "in_channels"):
-        return int(layer.in_channels), int(layer.out_channels)
-    size = bias_shape(layer)[-1]
-    return size, size  # norms: features in == out
-
-
 class BitFitLayer(nn.Module, BaseTunerLayer):
     """A layer with one trainable bias delta per adapter over its frozen base layer.
 
@@ -107,7 +94,12 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
         self._shape = bias_shape(base_layer)
         entry = layer_type(base_layer)
         self._channels_first = bool(entry and entry.channels_first)
-        self.in_features, self.out_features = _features(base_layer)
+        if entry is None:
+            raise TypeError(
+                f"BitFit cannot train a bias of {type(base_layer).__name__}: register its type with "
+                "bitfit_peft.layer_types.register_layer_type."
+            )
+        self.in_features, self.out_features = entry.features(base_layer)
         # Base bias as it was before the first merge, restored exactly by unmerge (None: merge created the bias).
         self._premerge_bias: torch.Tensor | None = None
         self._bias_cache: tuple[Any, torch.Tensor] | None = None

@@ -22,6 +22,7 @@ from . import compact
 from .config import BitFitConfig
 from .constants import BASE, PREFIX, is_delta_key
 from .fingerprint import fingerprint, target_modules_of
+from .heads import check_head, head_kind
 from .layer import BitFitLayer
 from .loading import (
     abort_load,
@@ -128,6 +129,10 @@ class BitFitModel(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        # before anything is injected (PeftModel and load_adapter both come here), so a refused adapter leaves the
+        # model as it was
+        config = self.peft_config[adapter_name]
+        check_head(getattr(config, "head", None), model, bool(getattr(config, "modules_to_save", None)))
         with self.router.lock.write():  # waits for calls in flight; calls wait for the injection
             try:
                 super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
@@ -288,6 +293,7 @@ class BitFitModel(BaseTuner):
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         deltas = {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in out.items() if is_delta_key(k)}
         others = {k: v for k, v in out.items() if not is_delta_key(k)}
+        config.head = head_kind(model)  # recorded in adapter_config.json, which peft writes next
         with contextlib.suppress(ValueError):  # merged adapters hide the base weights: keep the recorded fingerprint
             config.base_fingerprint = fingerprint(model, target_modules_of(list(deltas)))
         save_dtype, keep = getattr(config, "save_dtype", None), getattr(config, "keep_fraction", None)

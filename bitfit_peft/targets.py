@@ -14,8 +14,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from . import layer_types
 from .architectures import ARCHITECTURES, TASK_HEADS, matches, slice_positions
-from .layer_types import NORM_TYPES, SUPPORTED_TYPES, base_of, bias_shape
+from .layer_types import base_of, bias_shape, layer_type
 
 if TYPE_CHECKING:  # config sits below this module; the import is for annotations only
     from .config import BitFitConfig
@@ -24,10 +25,9 @@ __all__ = ["select_targets"]
 
 
 def _is_candidate(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
-    base = base_of(module)
-    # nn.MultiheadAttention reads out_proj.weight/.bias directly instead of calling its forward: a wrapper there
-    # would be silently ignored, so it is never a target.
-    return isinstance(base, SUPPORTED_TYPES) and not isinstance(parent, nn.MultiheadAttention)
+    entry = layer_type(module)
+    # a parent that reads the child's weight and bias directly (nn.MultiheadAttention) would ignore a wrapper
+    return entry is not None and not (parent is not None and isinstance(parent, entry.not_under))
 
 
 def _has_bias(module: nn.Module) -> bool:
@@ -96,7 +96,7 @@ def select_targets(
                 continue
             if config.bias_terms is not None:
                 wanted = set(config.bias_terms)
-                if "layernorm" in wanted and isinstance(base_of(module), NORM_TYPES):
+                if "layernorm" in wanted and isinstance(base_of(module), layer_types.NORM_TYPES):
                     pass
                 else:
                     hits = [r for t in wanted - {"layernorm"} for r in (rules or {}).get(t, []) if matches(r, key)]
@@ -132,7 +132,9 @@ def _nothing_selected_message(
             f"{msg} {len(without_bias)} matching modules have no bias (e.g. {without_bias[:4]}): set "
             "add_missing_bias=True to give them a zero-initialised delta."
         )
-    candidates = [k for k, m in model.named_modules() if k and isinstance(m, SUPPORTED_TYPES) and _has_bias(m)]
+    candidates = [
+        k for k, m in model.named_modules() if k and isinstance(m, layer_types.SUPPORTED_TYPES) and _has_bias(m)
+    ]
     return (
         f"{msg} Modules with a bias include {candidates[:6]}. Check target_modules / bias_terms / exclude_modules / "
         "layers_to_transform / modules_to_save."

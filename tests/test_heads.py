@@ -157,3 +157,54 @@ def test_analysis_errors() -> None:
         bias_deltas(_bitfit_bert(), "other")
     with pytest.raises(ValueError, match=r"Unknown norm 'l3'"):
         normalised_change(torch.zeros(3), "l3")
+
+
+def _bert_config() -> BertConfig:
+    return BertConfig(**CONFIG)
+
+
+def _mean_pooled_adapter(path: pathlib.Path) -> pathlib.Path:
+    model = get_peft_model(_classifier(), BitFitConfig(task_type="SEQ_CLS", init_weights=False))
+    model.save_pretrained(str(path))
+    return path
+
+
+def _unchanged(model: torch.nn.Module) -> tuple[list[tuple[str, str, bool]], list[tuple[str, str]]]:
+    params = [(n, str(p.sum().item()), p.requires_grad) for n, p in model.named_parameters()]
+    return params, [(n, type(m).__name__) for n, m in model.named_modules()]
+
+
+def test_the_head_is_recorded_and_a_mean_pooled_adapter_is_refused_on_another_head(tmp_path: pathlib.Path) -> None:
+    import json
+
+    path = _mean_pooled_adapter(tmp_path / "mean")
+    assert json.loads((path / "adapter_config.json").read_text())["head"] == "mean_pooling"
+    torch.manual_seed(1)
+    standard = BertForSequenceClassification(_bert_config())
+    before = _unchanged(standard)
+    with pytest.raises(ValueError, match=r"head 'mean_pooling'.*'BertForSequenceClassification'.*MeanPooledSequenceClassifier"):  # fmt: skip
+        PeftModel.from_pretrained(standard, str(path))
+    assert _unchanged(standard) == before and not hasattr(standard, "peft_config")
+    # onto the class it names, it loads
+    loaded = PeftModel.from_pretrained(_classifier(), str(path))
+    assert loaded.peft_config["default"].head == "mean_pooling"
+    # and the other way round: a standard classifier's adapter is refused on a mean-pooled model, by name
+    peft_std = get_peft_model(BertForSequenceClassification(_bert_config()), BitFitConfig(task_type="SEQ_CLS"))
+    peft_std.save_pretrained(str(tmp_path / "std"))
+    with pytest.raises(ValueError, match=r"load it onto BertForSequenceClassification"):
+        PeftModel.from_pretrained(_classifier(), str(tmp_path / "std"))
+    # load_adapter onto a peft model of another head: refused too, and the model keeps only its own adapter
+    with pytest.raises(ValueError, match="MeanPooledSequenceClassifier"):
+        peft_std.load_adapter(str(path), adapter_name="mean")
+    assert list(peft_std.peft_config) == ["default"]
+
+
+def test_old_configs_without_a_head_still_load(tmp_path: pathlib.Path) -> None:
+    import json
+
+    path = _mean_pooled_adapter(tmp_path / "mean")
+    config = json.loads((path / "adapter_config.json").read_text())
+    del config["head"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    loaded = PeftModel.from_pretrained(_classifier(), str(path))
+    assert loaded.peft_config["default"].head is None
