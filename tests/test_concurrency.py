@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -255,3 +256,102 @@ def test_adapter_change_inside_a_forward_call_is_refused() -> None:
     lock = RWLock()
     with lock.read(), pytest.raises(RuntimeError, match="change adapters between calls"), lock.write():
         pass
+
+
+def test_rwlock_new_readers_wait_behind_a_waiting_writer() -> None:
+    """Writer preference: while a reader holds the lock and a writer waits, a new reader waits until the writer is
+    done (a steady stream of requests cannot starve a load)."""
+    lock = RWLock()
+    order: list[str] = []
+    writer_started, reader_started, reader_in = threading.Event(), threading.Event(), threading.Event()
+
+    def writer() -> None:
+        writer_started.set()
+        with lock.write():
+            order.append("writer")
+
+    def reader() -> None:
+        reader_started.set()
+        with lock.read():
+            order.append("reader")
+            reader_in.set()
+
+    lock.acquire_read()
+    threads = [threading.Thread(target=writer, daemon=True)]
+    threads[0].start()
+    assert writer_started.wait(JOIN_TIMEOUT_S)
+    time.sleep(0.3)  # let the writer reach its wait (it cannot get in: this thread reads)
+    threads.append(threading.Thread(target=reader, daemon=True))
+    threads[1].start()
+    assert reader_started.wait(JOIN_TIMEOUT_S)
+    got_in = reader_in.wait(0.5)  # without writer preference the new reader joins the holding one at once
+    lock.release_read()
+    for t in threads:
+        t.join(JOIN_TIMEOUT_S)
+    assert not any(t.is_alive() for t in threads)
+    assert not got_in and order == ["writer", "reader"]
+
+
+class _RecordingStore:
+    """A stand-in for `TaskStore` in front of a `Batcher`: records each batch of texts, blocks while `gate` is clear,
+    and fails a batch that holds texts starting with "bad" with an error naming the first one."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.gate.set()
+
+    def predict_outcomes(self, items: list[tuple]) -> list[str]:
+        texts = [str(item[1]) for item in items]
+        self.batches.append(texts)
+        self.entered.set()
+        if not self.gate.wait(JOIN_TIMEOUT_S):
+            raise RuntimeError("the gate never opened")
+        bad = [t for t in texts if t.startswith("bad")]
+        if bad:
+            raise ValueError(f"cannot predict {bad[0]!r}")
+        return [f"ok {t}" for t in texts]
+
+    predict = predict_outcomes
+
+
+def test_batch_deadline_counts_from_the_first_queued_item() -> None:
+    """An item that waited longer than max_wait while the worker was busy runs as soon as the worker is free; a
+    deadline counted from when the worker looks would hold it another max_wait and let a later item join it."""
+    from bitfit_peft.serving.batcher import Batcher
+
+    store = _RecordingStore()
+    batcher = Batcher(store, max_batch_size=2, max_wait_ms=2000, max_queue=8)
+    batcher.start()
+    try:
+        store.gate.clear()
+        busy = batcher.submit([("t", "a1"), ("t", "a2")])  # a full batch: runs at once, and blocks in the store
+        assert store.entered.wait(JOIN_TIMEOUT_S)
+        late = batcher.submit([("t", "b")])
+        time.sleep(2.5)  # b has now waited longer than max_wait, behind the busy worker
+        store.gate.set()
+        assert [f.result(JOIN_TIMEOUT_S) for f in busy] == ["ok a1", "ok a2"]
+        time.sleep(0.5)  # the worker takes b at once; a worker still waiting for b's batch to fill would take c too
+        later = batcher.submit([("t", "c")])
+        assert late[0].result(JOIN_TIMEOUT_S) == "ok b" and later[0].result(JOIN_TIMEOUT_S) == "ok c"
+    finally:
+        assert batcher.close(JOIN_TIMEOUT_S)
+    assert store.batches == [["a1", "a2"], ["b"], ["c"]]
+
+
+def test_one_by_one_retry_gives_each_failing_item_its_own_error() -> None:
+    from bitfit_peft.serving.batcher import Batcher
+
+    store = _RecordingStore()
+    batcher = Batcher(store, max_batch_size=4, max_wait_ms=5, max_queue=8)
+    batcher.start()
+    try:
+        futures = batcher.submit([("t", "good"), ("t", "bad-1"), ("t", "bad-2"), ("t", "fine")])
+        outcomes = []
+        for future in futures:
+            error = future.exception(JOIN_TIMEOUT_S)
+            outcomes.append(str(error) if error else future.result())
+    finally:
+        assert batcher.close(JOIN_TIMEOUT_S)
+    assert store.batches[0] == ["good", "bad-1", "bad-2", "fine"]  # one batch, then each item alone
+    assert outcomes == ["ok good", "cannot predict 'bad-1'", "cannot predict 'bad-2'", "ok fine"]

@@ -612,3 +612,28 @@ def test_schemathesis_finds_no_failure_with_every_check(
     assert run.returncode == 0, summary
     assert re.search(r"\d+ passed", summary) and "failures" not in summary.split("SUMMARY")[-1], summary
     assert not [m for m in caplog.messages if "failed" in m]  # no request hit a bug of ours (a 500)
+
+
+def test_one_unknown_task_is_404_and_admin_paths_that_only_look_inside_are_403(
+    served: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A sibling directory whose name starts with the adapters directory's (`<adapters>-evil/`) and a symlink out of
+    it are outside: a string-prefix check, or one on the unresolved path, would let them in."""
+    base = served[0]
+    adapters = tmp_path / "adapters"
+    save_adapter(base, adapters / "t00", num_labels=2, seed=0)
+    store = TaskStore.open(str(base), str(adapters), max_length=24)
+    evil = save_adapter(base, tmp_path / "adapters-evil" / "x", num_labels=2, seed=1)
+    app = create_app(ServeSettings(base=str(base), adapters=str(adapters), max_length=24, api_key="k"), store)
+    auth = {"Authorization": "Bearer k"}
+    with running(app) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+        r = client.get("/v1/tasks/nope")
+        assert r.status_code == 404 and "Unknown task 'nope'" in r.json()["error"], r.text
+        assert client.get("/v1/tasks/t00").status_code == 200
+        (adapters / "link").symlink_to(evil, target_is_directory=True)  # after open: the store must not serve it
+        for path in (str(evil), "../adapters-evil/x", str(adapters) + "-evil/x", "link", str(adapters / "link")):
+            r = client.post("/v1/adapters", json={"name": "t01", "path": path}, headers=auth)
+            assert r.status_code == 403 and "outside the adapters directory" in r.json()["error"], (path, r.text)
+        assert [t["name"] for t in client.get("/v1/tasks").json()] == ["t00"]
+        r = client.post("/v1/adapters", json={"name": "t01", "path": "t00"}, headers=auth)
+        assert r.status_code == 200, r.text  # a path inside is served

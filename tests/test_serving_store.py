@@ -233,3 +233,34 @@ def test_generation_with_per_request_parameters_equals_each_task_alone(tmp_path:
         assert out == tok.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True), r
     with pytest.raises(ValueError, match="call generate"):
         store.predict([("g0", "w1")])
+
+
+def test_unload_frees_the_slot_and_the_name(served: tuple[Path, Path], tmp_path: Path) -> None:
+    """load x, unload x, load y, load x again: y took the freed slot, and x must get another one, not write its rows
+    over y's (a name kept after unload would hand x y's slot)."""
+    base, adapters = served
+    store = TaskStore.open(str(base), str(adapters))
+    x = save_adapter(base, tmp_path / "x", num_labels=2, seed=20)
+    y = save_adapter(base, tmp_path / "y", num_labels=2, seed=21)
+    inputs = [text(i) for i in range(3)]
+    items = [(task, s) for s in inputs for task in ("y", "sent", "x")]
+    store.load("x", str(x))
+    store.unload("x")
+    with pytest.raises(UnknownTaskError):
+        store.predict([("x", inputs[0])])
+    store.load("y", str(y))
+    before = store.predict([(t, s) for t, s in items if t != "x"])
+    store.load("x", str(x))
+    got = store.predict(items)
+    assert [p.task for p in got] == [t for t, _ in items]
+    for (task, inputs_), pred in zip(items, got, strict=True):
+        path = {"x": x, "y": y, "sent": adapters / "sent"}[task]
+        want = offline(base, path, 2, inputs_)
+        assert torch.allclose(torch.tensor(pred.logits), want, atol=1e-5), task
+    assert [p.logits for p in got if p.task != "x"] == [p.logits for p in before]
+    # and the cycle leaks nothing: the same tasks hold the same bytes after more rounds
+    held = store.resident_bytes()
+    for _ in range(3):
+        store.unload("x")
+        store.load("x", str(x))
+    assert store.resident_bytes() == held
