@@ -81,15 +81,15 @@ def fingerprint(model: nn.Module, target_keys: list[str] | None = None) -> str:
     for name in names:
         module = modules[name]
         _update(digest, _plain(_param(module, "bias")))
-        weight = _plain(_param(module, "weight"))
-        if weight is _QUANTIZED:
+        weight = _param(module, "weight")
+        if weight is not None and _quantized(weight):
             digest.update(b"\x00quantized")
         else:
-            _update(digest, None if weight is None else weight[0] if weight.dim() > 1 else weight)
-    weight = _plain(_param(_input_embeddings(base), "weight"))
-    if weight is not None and weight is not _QUANTIZED and weight.dim() == 2:
+            _update(digest, _plain(weight) if weight is None or weight.dim() < 2 else _rows(weight, [0])[0])
+    weight = _param(_input_embeddings(base), "weight")
+    if weight is not None and weight.dim() == 2 and not _quantized(weight):
         n = weight.shape[0]
-        _update(digest, weight[[0, n // 2, n - 1]])
+        _update(digest, _rows(weight, [0, n // 2, n - 1]))
     return f"{ALGORITHM}:{digest.hexdigest()[:HEX_CHARS]}"
 
 
@@ -127,21 +127,43 @@ def _param(module: nn.Module | None, name: str) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-_QUANTIZED = torch.empty(0)  # marker: a quantized weight (its first row is not a float row of the checkpoint)
+def _quantized(tensor: torch.Tensor) -> bool:
+    """A quantized weight: bitsandbytes' integer storage, or a torchao tensor subclass (a DTensor is not one)."""
+    if hasattr(tensor, "device_mesh"):  # torch.distributed.tensor.DTensor: look at the local shard
+        tensor = tensor.to_local()  # type: ignore[attr-defined]
+    return not tensor.is_floating_point() or type(tensor) not in (torch.Tensor, nn.Parameter)
 
 
 def _plain(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """The tensor as a plain float tensor to hash: a sharded DTensor (FSDP2) gathered, one layer at a time (a
-    collective: every rank computes the fingerprint together); a quantized weight (bitsandbytes' 4/8-bit storage,
-    torchao tensor subclasses) gives `_QUANTIZED`, as its stored values depend on the quantization and, for
-    bitsandbytes' CPU kernels, on whether it ran yet, so any quantized load of one checkpoint gives one fingerprint."""
+    """A small tensor (a bias, a 1-D weight) as a plain tensor: a sharded DTensor (FSDP2) is gathered, a collective,
+    so every rank computes the fingerprint together; a quantized one gives an empty tensor (a marker)."""
     if tensor is None:
         return None
-    if hasattr(tensor, "full_tensor"):  # torch.distributed.tensor.DTensor
+    if hasattr(tensor, "full_tensor"):
         tensor = tensor.full_tensor()
-    if not tensor.is_floating_point() or type(tensor) not in (torch.Tensor, nn.Parameter):
-        return _QUANTIZED
-    return tensor
+    return tensor.new_empty(0) if _quantized(tensor) else tensor
+
+
+def _rows(weight: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """`weight[index]`; for a DTensor sharded on dim 0 (FSDP2), only those rows travel: each rank fills the rows
+    it holds into zeros and an all-reduce sums them (exact), instead of gathering the whole weight."""
+    placements = getattr(weight, "placements", None)
+    if placements is None:
+        return weight[index]
+    import torch.distributed as dist
+
+    mesh = weight.device_mesh  # type: ignore[attr-defined]
+    if mesh.ndim != 1 or not placements[0].is_shard(0):
+        return weight.full_tensor()[index]  # type: ignore[attr-defined]
+    local = weight.to_local()  # type: ignore[attr-defined]
+    chunk = -(-weight.shape[0] // mesh.size())  # torch.chunk's split, as FSDP2 shards dim 0
+    start = chunk * mesh.get_local_rank()
+    out = torch.zeros(len(index), *weight.shape[1:], dtype=local.dtype, device=local.device)
+    for i, row in enumerate(index):
+        if start <= row < start + local.shape[0]:
+            out[i] = local[row - start]
+    dist.all_reduce(out, group=mesh.get_group())
+    return out
 
 
 def _update(digest: hashlib._Hash, tensor: torch.Tensor | None) -> None:

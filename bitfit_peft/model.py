@@ -291,6 +291,9 @@ class BitFitModel(BaseTuner):
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # FSDP2 shards parameters as DTensors: gather the adapter's own (a collective, so every rank saves, with
+        # `is_main_process` on one), never the base weights of the sharded model's state dict.
+        out = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in out.items()}
         deltas = {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in out.items() if is_delta_key(k)}
         others = {k: v for k, v in out.items() if not is_delta_key(k)}
         config.head = head_kind(model)  # recorded in adapter_config.json, which peft writes next

@@ -92,17 +92,22 @@ class Session:
         return state.elapsed_s + time.time() - self.start
 
 
-def save_trainable(model: Any, out_dir: str, is_peft: bool, keep_fraction: float | None = None) -> str:
+def save_trainable(
+    model: Any, out_dir: str, is_peft: bool, keep_fraction: float | None = None, is_main_process: bool = True
+) -> str:
     """Save what the method trained (the peft adapter, or the trainable tensors); return the weights file path.
 
-    With `keep_fraction` the adapter is written int8 and sparse (`prune.save_compact`).
+    With `keep_fraction` the adapter is written int8 and sparse (`prune.save_compact`). Every process calls it: under
+    FSDP2 the sharded deltas are gathered by all ranks together; only the main process writes.
     """
+    if is_peft and keep_fraction is None:
+        model.save_pretrained(out_dir, is_main_process=is_main_process)
+        return os.path.join(out_dir, "adapter_model.safetensors")
+    if not is_main_process:
+        return ""
     os.makedirs(out_dir, exist_ok=True)
     if keep_fraction is not None:
         return save_compact(model, out_dir, keep_fraction)
-    if is_peft:
-        model.save_pretrained(out_dir)
-        return os.path.join(out_dir, "adapter_model.safetensors")
     from safetensors.torch import save_file
 
     path = os.path.join(out_dir, "trainable.safetensors")
@@ -287,9 +292,9 @@ def evaluate(s: Session, state: TrainState, epoch: int) -> None:
     state.dev.append({"epoch": epoch + 1, "step": state.completed_steps, **phase, **metrics})
     if state.best is None or metrics[s.task.main_metric] > state.best[s.task.main_metric]:
         state.best = state.dev[-1]
-        if s.accelerator.is_main_process:
-            keep = s.args.keep_fraction if s.masks is not None else None
-            save_trainable(s.accelerator.unwrap_model(s.model), s.args.output_dir, s.is_peft, keep)
+        keep = s.args.keep_fraction if s.masks is not None else None
+        model = s.accelerator.unwrap_model(s.model)
+        save_trainable(model, s.args.output_dir, s.is_peft, keep, s.accelerator.is_main_process)
     s.accelerator.print(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
@@ -336,10 +341,11 @@ def write_results(s: Session, state: TrainState) -> dict[str, Any]:
     if args.keep_fraction is not None:
         results.update(init_adapter=args.init_adapter, retrain_epochs=args.retrain_epochs, retrain_lr=args.retrain_lr)
         results["pruning"] = state.pruning
+    final = os.path.join(args.output_dir, "final")
+    model = accelerator.unwrap_model(s.model)
+    weights = save_trainable(model, final, s.is_peft, args.keep_fraction, accelerator.is_main_process)
     if not accelerator.is_main_process:
         return results
-    final = os.path.join(args.output_dir, "final")
-    weights = save_trainable(accelerator.unwrap_model(s.model), final, s.is_peft, args.keep_fraction)
     best_file = os.path.join(args.output_dir, os.path.basename(weights))
     results["adapter_file"] = os.path.basename(best_file)
     results["adapter_bytes"] = os.path.getsize(best_file)
