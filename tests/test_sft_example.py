@@ -305,6 +305,33 @@ def test_train_options_are_checked() -> None:
     assert args.lr == sft_train.DEFAULT_LR["lora-r8"]
 
 
+def test_readme_python_runs_on_a_tiny_base(
+    tmp_path: Path, tiny_base: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's Python blocks (train with SFTTrainer + BitFitConfig, reload and generate) run as written, with
+    the paths pointed at the tiny base, the synthetic data and tmp_path."""
+    import re
+
+    torch.set_num_threads(1)
+    readme = (EXAMPLE / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    code = [b for b in blocks if "SFTTrainer(" in b or "PeftModel.from_pretrained(" in b]
+    assert len(code) == 2, blocks
+    swaps = {
+        '"out/smollm2-135m"': repr(str(tiny_base)),
+        '"../shared/data"': repr(str(data_dir)),
+        '"out/sft/readme"': repr(str(tmp_path / "readme")),
+        '"out/sft/sst2-bitfit-bq-bm2"': repr(str(tmp_path / "readme")),
+        '"examples/sft"': repr(str(EXAMPLE)),
+    }
+    for block in code:
+        for old, new in swaps.items():
+            block = block.replace(old, new)
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    assert (tmp_path / "readme" / "adapter_model.safetensors").is_file()
+    assert capsys.readouterr().out.strip()  # the generated reply was printed
+
+
 # ---------------------------------------------------------------- prepare_base
 
 
