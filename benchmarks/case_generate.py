@@ -35,9 +35,9 @@ from .generate_servers import GenerationServers, TransformersServe
 from .timing import Stats
 
 FULL = dict(adapters=1000, concurrency=(16, 64), ks=(1, 8, 64), max_tokens=32, per_stream=1, rounds=2,
-            hol_tokens=(150, 5), hol_delay=0.5, hol_rounds=2, single_tokens=64, single_rounds=2)  # fmt: skip
+            hol_tokens=(150, 5), hol_delay=0.5, hol_rounds=2, single_tokens=64, single_rounds=2, warmup=1)  # fmt: skip
 QUICK = dict(adapters=10, concurrency=(4,), ks=(1, 8), max_tokens=8, per_stream=1, rounds=1,
-             hol_tokens=(24, 4), hol_delay=0.1, hol_rounds=1, single_tokens=16, single_rounds=1)  # fmt: skip
+             hol_tokens=(24, 4), hol_delay=0.1, hol_rounds=1, single_tokens=16, single_rounds=1, warmup=1)  # fmt: skip
 LONG_PROMPT = "Write a long story about a dragon who learns to cook. Once upon a time,"
 
 
@@ -55,14 +55,18 @@ def _tasks(k: int | None) -> list[str]:
 def run(settings: Settings, device: str = "cpu", dtype: str = "float32", base: str | None = None,
         overrides: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """The case; `device`/`dtype` place the served and the offline model, `base` replaces SmolLM2 (a checkpoint
-    directory with its tokenizer), `overrides` replaces entries of the mode's config (e.g. fewer rounds)."""
+    directory with its tokenizer), `overrides` replaces entries of the mode's config (e.g. fewer rounds; default: the
+    JSON object in `$BITFIT_BENCH_GENERATE`, if set)."""
     import torch
 
     from .generate_models import smollm2_checkpoint, tiny_llama_checkpoint, write_adapters
 
-    cfg = {**(QUICK if settings.quick else FULL), **(overrides or {})}
+    if overrides is None:  # from `python -m benchmarks.run`: the environment may shrink the run on a slow machine
+        overrides = json.loads(os.environ.get("BITFIT_BENCH_GENERATE") or "{}")
+    cfg = {**(QUICK if settings.quick else FULL), **overrides}
     threads = torch.get_num_threads()
     out: dict[str, Any] = {"title": "Generation serving (OpenAI streaming)", "tables": [], "targets": [], "config": dict(cfg)}  # fmt: skip
+    prompts = _prompts(settings.quick)
     with tempfile.TemporaryDirectory() as tmp:
         if base is None:
             base = tiny_llama_checkpoint(os.path.join(tmp, "tiny")) if settings.quick else smollm2_checkpoint()
@@ -83,7 +87,6 @@ def run(settings: Settings, device: str = "cpu", dtype: str = "float32", base: s
             out["load_s"] = {v: s.load_s for s in servers for v in s.ports}
             models = {"ours": _tasks, "static": _tasks, "transformers": lambda k: [base]}
             variants = {v: (urls[v], models[v]) for v in ("ours", "static", "transformers") if v in urls}
-            prompts = _prompts(settings.quick)
             phases = out["phase_s"] = {"servers_ready": time.perf_counter() - t}
             t = time.perf_counter()
             out["single"] = _single(cfg, variants, prompts[0], base, os.path.join(root, "t0000"), device, dtype)
@@ -124,7 +127,7 @@ def _single(cfg: dict[str, Any], variants: dict[str, Any], prompt: str, base: st
 
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in [*variants, "offline"]}
     names = list(runs)
-    for r in range(cfg["single_rounds"] + 1):  # round 0: warm-up, discarded
+    for r in range(cfg["single_rounds"] + 1):  # round 0: warm-up, discarded (always: the servers' first requests)
         for v in names if r % 2 else names[::-1]:
             if v == "offline":
                 res = offline()
@@ -141,7 +144,7 @@ def _hol(cfg: dict[str, Any], variants: dict[str, Any], prompt: str) -> dict[str
     long_n, short_n = cfg["hol_tokens"]
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     names = list(variants)
-    for r in range(cfg["hol_rounds"] + 1):
+    for r in range(1 - cfg["warmup"], cfg["hol_rounds"] + 1):  # round 0: warm-up, discarded
         for v in names if r % 2 else names[::-1]:
             url, models = variants[v]
             tasks = models(2)
@@ -156,7 +159,7 @@ def _throughput(cfg: dict[str, Any], variants: dict[str, Any], prompts: list[str
     spread = {"ours": cfg["ks"], "static": [max(cfg["ks"])], "transformers": [0]}  # static: mixed, at the widest
     plan = [(c, v, k) for c in cfg["concurrency"] for v in variants for k in spread[v]]
     runs: dict[str, list[dict[str, Any]]] = {_key(*p): [] for p in plan}
-    for r in range(cfg["rounds"] + 1):  # round 0: a warm-up at the smallest concurrency, discarded
+    for r in range(1 - cfg["warmup"], cfg["rounds"] + 1):  # round 0: a warm-up at the smallest concurrency
         for c, v, k in plan if r % 2 else plan[::-1]:
             if r == 0 and c != min(cfg["concurrency"]):
                 continue

@@ -135,9 +135,11 @@ class TransformersServe(Server):
     """`transformers serve BASE --continuous-batching` on a free 127.0.0.1 port (the CLI takes no port 0)."""
 
     def __init__(self, base: str, log: str, threads: int = 1, device: str = "cpu", dtype: str = "float32") -> None:
-        cli = Path(sys.executable).with_name("transformers")
         port = _free_port()
-        cmd = [str(cli), "serve", base, "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
+        cli = (
+            "import sys; from transformers.cli.transformers import main; sys.exit(main())"  # no console script needed
+        )
+        cmd = [sys.executable, "-c", cli, "serve", base, "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
                "--device", device, "--dtype", dtype, "--log-level", "warning", "--format", "quiet",
                "--cb-block-size", str(KV_BLOCK), "--cb-num-blocks", str(KV_TOKENS // KV_BLOCK)]  # fmt: skip
         self.log = log
