@@ -30,7 +30,7 @@ _PIPELINE_TAGS = {
     "FEATURE_EXTRACTION": "feature-extraction",
 }
 
-__all__ = ["adapter_info", "model_card", "write_card"]
+__all__ = ["adapter_info", "model_card", "read_eval_results", "write_card"]
 
 
 def adapter_info(
@@ -183,19 +183,12 @@ def write_card(directory: str, metrics: dict[str, float] | None = None, task: st
     """
     with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
         config = json.load(f)
-    metrics_path = os.path.join(directory, METRICS_NAME)
     if metrics is not None:
-        with open(metrics_path, "w", encoding="utf-8") as f:
+        with open(os.path.join(directory, METRICS_NAME), "w", encoding="utf-8") as f:
             json.dump({**({"task": task} if task else {}), **metrics}, f, indent=1)
-    elif os.path.isfile(metrics_path):
-        try:
-            with open(metrics_path, encoding="utf-8") as f:
-                saved = json.load(f)
-        except (OSError, ValueError):
-            saved = {}  # a broken metrics file must not stop save_pretrained; the card just shows no metrics
-        saved = saved if isinstance(saved, dict) else {}
-        task = task or (saved.get("task") if isinstance(saved.get("task"), str) else None)
-        metrics = {k: v for k, v in saved.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} or None
+    else:
+        metrics, saved_task = read_eval_results(directory)
+        task = task or saved_task
     weights = os.path.join(directory, WEIGHTS_NAME)
     tensors: dict[str, torch.Tensor] = {}
     size = None
@@ -211,6 +204,20 @@ def write_card(directory: str, metrics: dict[str, float] | None = None, task: st
     with open(path, "w", encoding="utf-8") as f:
         f.write(model_card(info))
     return path
+
+
+def read_eval_results(directory: str) -> tuple[dict[str, float] | None, str | None]:
+    """The dev metrics and the task they are on, from `directory/eval_results.json` as `write_card` writes it;
+    `(None, None)` without one. A broken file reads as no metrics: it must not stop `save_pretrained` or
+    `bitfit-peft inspect`, which then just show none."""
+    try:
+        with open(os.path.join(directory, METRICS_NAME), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None, None
+    saved = saved if isinstance(saved, dict) else {}
+    metrics = {k: v for k, v in saved.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return metrics or None, saved.get("task") if isinstance(saved.get("task"), str) else None
 
 
 def _num(value: Any) -> str:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import stat
 import sys
 from typing import Any
 
@@ -24,8 +26,8 @@ from safetensors.torch import save_file
 
 from . import compact
 from .analysis import BiasChange, bias_changes_from_state_dicts, change_matrix, layer_index
-from .card import adapter_info, model_card
-from .constants import CONFIG_NAME, PEFT_TYPE_NAME, WEIGHTS_NAME
+from .card import adapter_info, model_card, read_eval_results
+from .constants import CARD_NAME, CONFIG_NAME, METRICS_NAME, PEFT_TYPE_NAME, WEIGHTS_NAME
 from .constants import PEFT_KEY_PREFIX as PEFT_PREFIX
 from .fingerprint import fingerprint, target_modules_of
 
@@ -66,6 +68,13 @@ def read_adapter(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], in
     except Exception as err:  # safetensors raises its own error types for truncated or garbled files
         raise CliError(f"{weights_path}: corrupt or truncated adapter file ({_one_line(err)}).") from err
     return config, tensors, os.path.getsize(weights_path)
+
+
+def saved_facts(path: str, config: dict[str, Any]) -> dict[str, Any]:
+    """What a training run saved with the adapter: label names (its config) and dev metrics on a task (eval_results)."""
+    labels = config.get("labels")
+    metrics, task = read_eval_results(path)
+    return {"labels": labels if isinstance(labels, list) else None, "metrics": metrics, "task": task}
 
 
 def decoded(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -120,7 +129,7 @@ def _model_type(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str |
 def cmd_inspect(args: argparse.Namespace) -> int:
     config, tensors, size = read_adapter(args.adapter)
     state = decoded(tensors)
-    info = adapter_info(config, tensors, file_bytes=size)
+    info = adapter_info(config, tensors, file_bytes=size, **saved_facts(args.adapter, config))
     info["header_bytes"] = header_bytes(os.path.join(args.adapter, WEIGHTS_NAME))
     info["tensors"] = {
         k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in tensors.items()
@@ -143,6 +152,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     keep = f", sparse (keep {info['keep_fraction']})" if info["keep_fraction"] else ""
     print(f"  storage      {info['dtype']}{keep}{', packed' if info['packed'] else ''}")
     print(f"  size         file {size:,} B = payload {info['payload_bytes']:,} B x {size / max(info['payload_bytes'], 1):.3f} (header {info['header_bytes']:,} B)")  # fmt: skip
+    if info["labels"]:
+        print(f"  labels       {', '.join(f'{i}: {name}' for i, name in enumerate(info['labels']))}")
+    if info["metrics"]:
+        on = f" on {info['task']}" if info["task"] else ""
+        print(f"  metrics{on}  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in info["metrics"].items()))  # fmt: skip
     print(f"  tensors      {len(tensors)}")
     for key, t in info["tensors"].items():
         print(f"    {key}  {t['dtype']} {tuple(t['shape'])}")
@@ -230,11 +244,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
     new_size = os.path.getsize(out_file)
     back = compact.decode(new)
     error = max((float((back[k] - v).abs().max()) for k, v in state.items() if v.numel()), default=0.0)
-    with open(os.path.join(args.out, "README.md"), "w") as f:
-        f.write(model_card(adapter_info(config, new, file_bytes=new_size)))
+    # The card keeps what the training run recorded (label names, dev metrics); the metrics file travels with it.
+    facts = saved_facts(args.adapter, config)
+    with open(os.path.join(args.out, CARD_NAME), "w", encoding="utf-8") as f:
+        f.write(model_card(adapter_info(config, new, file_bytes=new_size, **facts)))
+    if os.path.isfile(os.path.join(args.adapter, METRICS_NAME)):
+        shutil.copyfile(os.path.join(args.adapter, METRICS_NAME), os.path.join(args.out, METRICS_NAME))
+    keep_modes(args.adapter, args.out)
     print(f"{args.adapter} ({current}, {size:,} B) -> {args.out} ({args.to}, {new_size:,} B): "
           f"{new_size / size:.1%} of the size, max abs error introduced {error:.3e}")  # fmt: skip
     return 0
+
+
+def keep_modes(source: str, out: str) -> None:
+    """Give each file `convert` wrote the permission bits of its original (a new card: the config's), not the 0600
+    that safetensors writes, which another user serving the adapter could not read."""
+    for name in (WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, CARD_NAME):
+        original, written = os.path.join(source, name), os.path.join(out, name)
+        original = original if os.path.isfile(original) else os.path.join(source, CONFIG_NAME)
+        if os.path.isfile(written):
+            os.chmod(written, stat.S_IMODE(os.stat(original).st_mode))
 
 
 # ---------------------------------------------------------------- verify
@@ -245,6 +274,24 @@ _AUTO_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
 }
+
+
+def check_base(base: str) -> None:
+    """ "No such directory" for a --base that is not a directory and cannot be a Hub id (or any, offline), rather than
+    the Hub's message about repo id characters that loading it would give."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(base)
+        hub_id = not base.startswith((".", "/", "~"))
+    except HFValidationError:
+        hub_id = False
+    if not os.path.isdir(os.path.expanduser(base)) and (constants.HF_HUB_OFFLINE or not hub_id):
+        offline = " (offline: Hub ids are not looked up)" if hub_id else ""
+        raise CliError(
+            f"--base {base}: no such directory{offline}; pass the base model's directory (save_pretrained)."
+        )
 
 
 def build_base(config: dict[str, Any], state: dict[str, torch.Tensor], base: str) -> torch.nn.Module:
@@ -278,6 +325,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     config, tensors, _ = read_adapter(args.adapter)
     state = decoded(tensors)
+    check_base(args.base)
     model = build_base(config, state, args.base)
     problems: list[str] = []
     recorded = config.get("base_fingerprint")
@@ -329,16 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     formats = " | ".join(compact.CODECS)
     p = sub.add_parser("convert", help=f"rewrite an adapter as {', '.join(compact.CODECS)} and/or sparse")
-    p.add_argument("adapter")
-    p.add_argument("out", help="output directory")
+    p.add_argument("adapter", help="adapter directory to convert (left as it is)")
+    p.add_argument("out", help="output directory: the converted adapter, its config, model card and eval_results.json")
     p.add_argument("--to", required=True, help=f"{formats}, optionally :KEEP (e.g. int8:0.4), or sparse:KEEP")
     p.add_argument("--force", action="store_true", help="overwrite OUT/adapter_model.safetensors")
     p.add_argument("--no-module-metadata", action="store_true", help="leave the module order out of the file header")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("verify", help="load an adapter onto a base model and report whether it fits (exit 0/1)")
-    p.add_argument("adapter")
-    p.add_argument("--base", required=True, help="base model directory or name")
+    p.add_argument("adapter", help="adapter directory to check")
+    p.add_argument("--base", required=True, help="base model: a directory saved by save_pretrained, or a Hub id")
     p.set_defaults(func=cmd_verify)
 
     # Imported here, not at the top: the serving module pulls in nothing heavy itself, but keeping it out of the

@@ -1,11 +1,15 @@
-"""The `bitfit-peft` command line, run as a real subprocess (`python -m bitfit_peft.cli`)."""
+"""The `bitfit-peft` command line, run as a real subprocess (`python -m bitfit_peft.cli`); the newer checks call
+`cli.main` in this process (same code path, no interpreter start per call)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
+import re
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -15,7 +19,8 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
-from bitfit_peft import BitFitConfig, compact
+from bitfit_peft import BitFitConfig, cli, compact
+from bitfit_peft.card import write_card
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -140,3 +145,100 @@ def test_console_script_is_declared() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["bitfit-peft"] == "bitfit_peft.cli:main"
+
+
+# ---------------------------------------------------------------- what a training run saved travels along
+LABELS = ["negative", "positive"]
+
+
+@pytest.fixture
+def trained(tmp_path: pathlib.Path) -> pathlib.Path:
+    """An adapter as examples/glue/train.py leaves it: label names in its config, dev metrics in eval_results.json
+    (written by `write_card`), and files with distinct permission bits, so a mode taken from the wrong file shows."""
+    config = BitFitConfig(task_type="SEQ_CLS", bias_terms=["query"], init_weights=False, labels=LABELS)
+    path = tmp_path / "trained"
+    get_peft_model(_bert(0), config).save_pretrained(path)
+    write_card(str(path), metrics={"dev accuracy": 0.8125}, task="sst2")
+    modes = {"adapter_model.safetensors": 0o644, "adapter_config.json": 0o640, "eval_results.json": 0o604}
+    for name, mode in {**modes, "README.md": 0o664}.items():
+        (path / name).chmod(mode)
+    return path
+
+
+def _inspect_json(path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> dict:
+    capsys.readouterr()  # what earlier commands printed
+    assert cli.main(["inspect", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_labels_metrics_and_task_round_trip_through_inspect_and_convert(
+    trained: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    info = _inspect_json(trained, capsys)
+    saved = {"labels": LABELS, "metrics": {"dev accuracy": 0.8125}, "task": "sst2", "task_type": "SEQ_CLS"}
+    assert {k: info[k] for k in saved} == saved
+    assert cli.main(["inspect", str(trained)]) == 0
+    text = capsys.readouterr().out
+    assert "labels       0: negative, 1: positive" in text and "metrics on sst2  dev accuracy 0.8125" in text, text
+    out = tmp_path / "int8"
+    assert cli.main(["convert", str(trained), str(out), "--to", "int8"]) == 0
+    converted = _inspect_json(out, capsys)
+    assert {k: converted[k] for k in saved} == saved and converted["dtype"] == "int8"
+    assert (out / "eval_results.json").read_bytes() == (trained / "eval_results.json").read_bytes()
+    card = (out / "README.md").read_text()
+    assert "| Labels | 0: negative, 1: positive |" in card, card
+    assert "## Evaluation on sst2 (dev)" in card and "| dev accuracy | 0.8125 |" in card, card
+    assert "pipeline_tag: text-classification" in card and "| Task type | SEQ_CLS |" in card, card
+
+
+def test_convert_keeps_the_original_file_modes(trained: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "bf16"
+    assert cli.main(["convert", str(trained), str(out), "--to", "bfloat16"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(p.name for p in trained.iterdir()), written
+    for name in written:
+        assert stat.S_IMODE((out / name).stat().st_mode) == stat.S_IMODE((trained / name).stat().st_mode), name
+    # Without a card in the source, the new card takes the config's bits.
+    (trained / "README.md").unlink()
+    assert cli.main(["convert", str(trained), str(tmp_path / "again"), "--to", "float16"]) == 0
+    assert stat.S_IMODE((tmp_path / "again" / "README.md").stat().st_mode) == 0o640
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    (choices,) = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(choices)
+
+
+def test_every_argument_has_help_and_each_default_shows_once() -> None:
+    commands = _subcommands()
+    assert set(commands) == {"inspect", "convert", "verify", "serve"}
+    for name, parser in commands.items():
+        for action in parser._actions:
+            assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}: no help text"
+        text = parser.format_help()
+        # One entry per argument: "  --flag VALUE   help..." up to the next argument's entry.
+        for entry in re.split(r"\n  (?=\S)", text.split("\n\n", 2)[-1]):
+            flat = " ".join(entry.split())
+            assert "(default: None)" not in flat and flat.count("default") <= 1, f"{name}: {flat}"
+    serve = " ".join(commands["serve"].format_help().split())
+    assert "(default: 8000)" in serve and "(default: 127.0.0.1)" in serve, serve  # real defaults still show
+
+
+@pytest.mark.parametrize("where", ["absolute", "relative"])
+def test_verify_a_missing_base_says_no_such_directory(
+    saved: dict[str, pathlib.Path],
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    base = str(tmp_path / "no" / "base") if where == "absolute" else "no-base-here"  # the latter is a valid Hub id
+    if where == "relative":
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline, a name is only ever a directory
+    assert cli.main(["verify", str(saved["float32"]), "--base", base]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --base {base}: no such directory") and "Repo id" not in err, err

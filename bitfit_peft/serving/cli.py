@@ -20,17 +20,28 @@ DEFAULT_API_KEY_ENV = "BITFIT_SERVE_API_KEY"
 logger = logging.getLogger(__name__)
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Show `(default: X)` only where there is one to show: not on required options, not for a None default, and not
+    where the help text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.required or action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `serve` subcommand to an `argparse` subparsers object; its handler is `args.func = run_serve`."""
     p = subparsers.add_parser(
         "serve",
         help="Serve every adapter of a directory over HTTP, micro-batched across tasks.",
         description="Serve the BitFit adapters in --adapters on one --base model over HTTP (OpenAPI page at /docs).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     p.add_argument("--base", required=True, help="Base model: a local directory or a hub id.")
     p.add_argument("--adapters", required=True, help="Directory of adapters, one per task: <adapters>/<task>/.")
-    p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (loopback by default).")
+    p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0: every interface).")
     p.add_argument("--port", type=int, default=8000, help="Port (0: any free port, printed at startup).")
     p.add_argument("--max-batch-size", type=int, default=32, help="Most items per micro-batch.")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="How long a batch waits for more items.")
@@ -63,7 +74,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds of 429 and 503 answers.")
     p.add_argument("--metrics-max-tasks", type=int, default=64, help="Tasks with their own label in /metrics.")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="Seconds to finish in-flight work at SIGTERM.")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="Server log level.",
+    )
     p.set_defaults(func=run_serve)
     return p
 
