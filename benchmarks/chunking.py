@@ -75,7 +75,7 @@ def run(repeats: int, batch: int, tasks: int, device: str, base: str | None = No
         for name, cost, target in variants if r % 2 else variants[::-1]:
             store.forward_cost_tokens = cost
             t = time.perf_counter()
-            target.predict(items)
+            target.predict_outcomes(items)
             if r >= 2:
                 times[name].append(time.perf_counter() - t)
     store.forward_cost_tokens = default

@@ -25,7 +25,7 @@ MAX_BATCH, MAX_WAIT_MS = 32, 5.0
 
 
 class GroupedStore:
-    """A `TaskStore` whose `predict` runs one call per task of the batch (variant b); all else is the store's."""
+    """A `TaskStore` whose `predict_outcomes` runs one call per task of the batch (variant b); all else is the store's."""
 
     def __init__(self, store: Any) -> None:
         self._store = store
@@ -33,14 +33,15 @@ class GroupedStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    def predict(self, items: Sequence[tuple[str, Any]], batch_size: int = 64) -> list[Any]:
+    def predict_outcomes(self, items: Sequence[tuple[Any, ...]], batch_size: int = 64) -> list[Any]:
         groups: dict[str, list[int]] = {}
-        for i, (task, _) in enumerate(items):
+        for i, (task, *_) in enumerate(items):
             groups.setdefault(task, []).append(i)
         out: list[Any] = [None] * len(items)
         for idx in groups.values():
-            for i, prediction in zip(idx, self._store.predict([items[i] for i in idx], batch_size), strict=True):
-                out[i] = prediction
+            outcomes = self._store.predict_outcomes([items[i] for i in idx], batch_size)
+            for i, outcome in zip(idx, outcomes, strict=True):
+                out[i] = outcome
         return out
 
 
@@ -89,20 +90,18 @@ class LoraStore:
             raise UnknownTaskError(name, sorted(self._info))
         return self._info[name]
 
-    def count_tokens(self, inputs: Any) -> int:
-        return len(self.tokenizer(*([inputs] if isinstance(inputs, str) else inputs))["input_ids"])
-
-    def predict(self, items: Sequence[tuple[str, Any]], batch_size: int = 64) -> list[Any]:
+    def predict_outcomes(self, items: Sequence[tuple[Any, ...]], batch_size: int = 64) -> list[Any]:
+        """One peft forward with `adapter_names` for the batch (the server's batcher calls this)."""
         import torch
 
         from bitfit_peft.serving import TaskStore
 
-        texts = [inputs if isinstance(inputs, str) else inputs[0] for _, inputs in items]
+        texts = [inputs if isinstance(inputs, str) else inputs[0] for _, inputs, *_ in items]
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with torch.inference_mode():
-            logits = self.model(**batch, adapter_names=[task for task, _ in items]).logits.float()
-        return [TaskStore._prediction(self._info[task], row) for (task, _), row in zip(items, logits, strict=True)]
+            logits = self.model(**batch, adapter_names=[task for task, *_ in items]).logits.float()
+        return [TaskStore._prediction(self._info[task], row) for (task, *_), row in zip(items, logits, strict=True)]
 
 
 async def _serve(args: argparse.Namespace) -> None:
