@@ -8,6 +8,7 @@ The modules import one way, from the bottom up: `constants` <- `compact` <- `fil
 `registration` <- this package (`heads` and `analysis` stand beside the core; `cli` and `serving` sit on top).
 """
 
+from . import quiet  # noqa: F401  # first: filters the optional imports' noise before peft imports torchao
 from .analysis import BiasChange, bias_changes, bias_changes_from_state_dicts, bias_deltas, change_matrix
 from .architectures import classify_module
 from .config import BitFitConfig
