@@ -37,8 +37,14 @@ def checkpoint() -> Path:
     if not (out / "model.safetensors").is_file():
         assert SPEC is not None and SPEC.submodule_search_locations
         folder = SPEC.submodule_search_locations[0]
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
         tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+        # dense float32, but flagged GGUF-quantized (not serializable): copy it into a plain model of that config
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict(), strict=True)
         model.save_pretrained(out)
         tok.save_pretrained(out)
     return out
