@@ -158,3 +158,30 @@ def test_pickle_only_directory_needs_an_explicit_opt_in(tmp_path: Path) -> None:
         loaded = PeftModel.from_pretrained(bert(), str(tmp_path / "bin"))
     for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_header_readers_share_the_strict_reader(tmp_path: Path) -> None:
+    """`read_safetensors_header` (used by the CLI's size accounting and the store's head detection) applies the
+    strict reader's header checks without reading the data."""
+    from bitfit_peft.cli import CliError, header_bytes
+    from bitfit_peft.files import read_safetensors_header
+    from bitfit_peft.serving.prepare import head_keys
+
+    good = tmp_path / "good" / "adapter_model.safetensors"
+    good.parent.mkdir()
+    save_file({"base_model.model.classifier.weight": torch.ones(2, 3), "x.bitfit_delta": torch.ones(3)}, str(good))
+    header, size = read_safetensors_header(str(good))
+    assert {k for k in header if k != "__metadata__"} == {"base_model.model.classifier.weight", "x.bitfit_delta"}
+    assert size == 8 + int.from_bytes(good.read_bytes()[:8], "little") == header_bytes(str(good))
+    assert head_keys({"t": str(good.parent)}) == {"classifier.weight"}
+    bad = tmp_path / "bad" / "adapter_model.safetensors"
+    bad.parent.mkdir()
+    write_raw(bad, '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {}}', b"\0" * 4)
+    with pytest.raises(ValueError, match=r"bad/adapter_model.safetensors is not a valid .*lists key 'a' twice"):
+        read_safetensors_header(str(bad))
+    with pytest.raises(CliError, match="twice"):
+        header_bytes(str(bad))
+    assert head_keys({"t": str(bad.parent)}) is None
+    write_raw(bad, "{}", claimed=1 << 40)
+    with pytest.raises(ValueError, match="the header claims"):
+        read_safetensors_header(str(bad))
