@@ -21,7 +21,6 @@ import sys
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import compact
@@ -29,6 +28,7 @@ from .analysis import BiasChange, bias_changes_from_state_dicts, change_matrix, 
 from .card import adapter_info, model_card, read_eval_results
 from .constants import CARD_NAME, CONFIG_NAME, METRICS_NAME, PEFT_TYPE_NAME, WEIGHTS_NAME
 from .constants import PEFT_KEY_PREFIX as PEFT_PREFIX
+from .files import read_safetensors, read_safetensors_header
 from .fingerprint import fingerprint, target_modules_of
 
 __all__ = ["CliError", "build_parser", "main"]
@@ -61,8 +61,7 @@ def read_adapter(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], in
     if not os.path.isfile(weights_path):
         raise CliError(f"{path}: no {WEIGHTS_NAME} next to {CONFIG_NAME}.")
     try:
-        with safe_open(weights_path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        tensors, _ = read_safetensors(weights_path, verify_finite=False)
         if compact.is_packed(tensors):
             compact.read_layout(tensors)
     except Exception as err:  # safetensors raises its own error types for truncated or garbled files
@@ -86,8 +85,10 @@ def decoded(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def header_bytes(path: str) -> int:
-    with open(path, "rb") as f:
-        return 8 + int.from_bytes(f.read(8), "little")
+    try:
+        return read_safetensors_header(path)[1]
+    except ValueError as err:
+        raise CliError(_one_line(err)) from err
 
 
 # ---------------------------------------------------------------- inspect

@@ -33,6 +33,7 @@ __all__ = [
     "load_policy",
     "read_adapter_weights",
     "read_safetensors",
+    "read_safetensors_header",
 ]
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # an adapter header is a few KB; anything near this is not an adapter
@@ -186,14 +187,35 @@ def read_safetensors(path: str, verify_finite: bool | None = None) -> tuple[dict
                 f"tensor {bad} holds NaN or inf values (the adapter is broken; to load it anyway use "
                 "bitfit_peft.files.load_policy(allow_nonfinite=True))"
             )
-    except OSError as err:
-        raise ValueError(f"Cannot read adapter file {path}: {err}") from None
-    except ValueError as err:
-        raise ValueError(
-            f"Adapter file {path} is not a valid safetensors checkpoint ({err}). It may be truncated or corrupt (or "
-            "crafted): save the adapter again with model.save_pretrained()."
-        ) from None
+    except (OSError, ValueError) as err:
+        raise _file_error(path, err) from None
     return tensors, metadata
+
+
+def _file_error(path: str, err: Exception) -> ValueError:
+    if isinstance(err, OSError):
+        return ValueError(f"Cannot read adapter file {path}: {err}")
+    return ValueError(
+        f"Adapter file {path} is not a valid safetensors checkpoint ({err}). It may be truncated or corrupt (or "
+        "crafted): save the adapter again with model.save_pretrained()."
+    )
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file (tensor entries and `__metadata__`) and its size in bytes with the
+    8-byte length field, checked as `read_safetensors` checks it, without reading the tensor data.
+
+    Raises:
+        ValueError: one line naming the file and what is wrong with its header.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(8)
+            data += f.read(min(int.from_bytes(data, "little"), MAX_HEADER_BYTES + 1)) if len(data) == 8 else b""
+        header = _header(path, data)
+    except (OSError, ValueError) as err:
+        raise _file_error(path, err) from None
+    return header, len(data)
 
 
 def check_adapter_file(directory: str) -> None:

@@ -174,3 +174,30 @@ def test_nan_or_inf_in_a_plain_half_precision_file_is_refused_like_float32(
     bad[-1] = value
     save_file({**tensors, last: bad}, path / WEIGHTS)
     refused(path, rf"tensor {last} holds NaN or inf values .*load_policy\(allow_nonfinite=True\)")
+
+
+def test_header_readers_share_the_strict_reader(tmp_path: Path) -> None:
+    """`read_safetensors_header` (used by the CLI's size accounting and the store's head detection) applies the
+    strict reader's header checks without reading the data."""
+    from bitfit_peft.cli import CliError, header_bytes
+    from bitfit_peft.files import read_safetensors_header
+    from bitfit_peft.serving.prepare import head_keys
+
+    good = tmp_path / "good" / "adapter_model.safetensors"
+    good.parent.mkdir()
+    save_file({"base_model.model.classifier.weight": torch.ones(2, 3), "x.bitfit_delta": torch.ones(3)}, str(good))
+    header, size = read_safetensors_header(str(good))
+    assert {k for k in header if k != "__metadata__"} == {"base_model.model.classifier.weight", "x.bitfit_delta"}
+    assert size == 8 + int.from_bytes(good.read_bytes()[:8], "little") == header_bytes(str(good))
+    assert head_keys({"t": str(good.parent)}) == {"classifier.weight"}
+    bad = tmp_path / "bad" / "adapter_model.safetensors"
+    bad.parent.mkdir()
+    write_raw(bad, '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {}}', b"\0" * 4)
+    with pytest.raises(ValueError, match=r"bad/adapter_model.safetensors is not a valid .*lists key 'a' twice"):
+        read_safetensors_header(str(bad))
+    with pytest.raises(CliError, match="twice"):
+        header_bytes(str(bad))
+    assert head_keys({"t": str(bad.parent)}) is None
+    write_raw(bad, "{}", claimed=1 << 40)
+    with pytest.raises(ValueError, match="the header claims"):
+        read_safetensors_header(str(bad))

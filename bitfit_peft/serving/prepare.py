@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..config import BitFitConfig
-from ..constants import PREFIX, strip_peft_prefix
+from ..constants import PREFIX, WEIGHTS_NAME, strip_peft_prefix
+from ..files import read_safetensors_header
 from ..fingerprint import fingerprint
 from ..layer_types import bias_shape
 from ..targets import select_targets
@@ -216,13 +217,8 @@ def head_keys(paths: dict[str, str]) -> set[str] | None:
     base is built with; adapters of the other family are then refused by name), or None."""
     for path in paths.values():
         try:
-            with open(os.path.join(path, "adapter_model.safetensors"), "rb") as f:
-                length = int.from_bytes(f.read(8), "little")
-                if length > 16 * 1024 * 1024:
-                    continue
-                header = json.loads(f.read(length))
-        except (OSError, ValueError):
+            header, _ = read_safetensors_header(os.path.join(path, WEIGHTS_NAME))
+        except ValueError:
             continue  # reported when the adapter itself is read
-        if isinstance(header, dict):
-            return {strip_peft_prefix(k) for k in header if PREFIX not in k and k != "__metadata__"}
+        return {strip_peft_prefix(k) for k in header if PREFIX not in k and k != "__metadata__"}
     return None
