@@ -78,9 +78,19 @@ def make_tiny_glue(root: pathlib.Path, n_train: int = 64, n_dev: int = 32, seed:
     return str(root)
 
 
-def run_train(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run train.py in a fresh process (1 torch thread, offline) and return the completed process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def run_train(
+    args: list[str],
+    launcher: list[str] | None = None,
+    timeout: int = 300,
+    env: dict[str, str] | None = None,
+    stderr_to_stdout: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run train.py in a fresh process (1 torch thread, offline, `env` on top) and return the completed process;
+    `stderr_to_stdout`: one stream, as a terminal shows them (then `stderr` is None)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}  # fmt: skip
     env["HF_DATASETS_OFFLINE"] = "1"
     cmd = (launcher or [sys.executable]) + [str(TRAIN_SCRIPT), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(REPO))
+    streams = (
+        {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} if stderr_to_stdout else {"capture_output": True}
+    )
+    return subprocess.run(cmd, text=True, env=env, timeout=timeout, cwd=str(REPO), **streams)  # type: ignore[call-overload]

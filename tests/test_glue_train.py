@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -91,6 +92,62 @@ def test_bf16_mixed_precision_and_grad_accum(tiny: dict[str, str], tmp_path: pat
     assert results["mixed_precision"] == "bf16" and results["global_batch_size"] == 16
     assert results["dev"][0]["step"] == 4  # 64 examples / (8 x 2)
     assert "trainable parameters" in proc.stdout and "adapter on disk" in proc.stdout
+
+
+def render(output: str) -> list[str]:
+    """The lines a terminal shows for `output` (stdout and stderr as one stream): a carriage return goes back to the
+    line's start and overwrites it, `ESC[A` moves up a line (tqdm's nested bars), trailing blanks dropped."""
+    screen: list[list[str]] = [[]]
+    row = col = 0
+    for token in re.findall(r"\x1b\[A|\r|\n|[^\r\n\x1b]+|\x1b", output):
+        if token == "\n":
+            row, col = row + 1, 0
+            screen += [[] for _ in range(row + 1 - len(screen))]
+        elif token == "\r":
+            col = 0
+        elif token == "\x1b[A":
+            row = max(row - 1, 0)
+        else:
+            line = screen[row]
+            line += [" "] * (col + len(token) - len(line))
+            line[col : col + len(token)] = token
+            col += len(token)
+    return ["".join(line).rstrip() for line in screen]
+
+
+def test_output_reads_as_lines_without_a_load_table(tiny: dict[str, str], tmp_path: pathlib.Path) -> None:
+    """What the main job shows on a terminal: one line on what the checkpoint lacked (not transformers' LOAD REPORT
+    table), each epoch's result on a line of its own (not glued to the progress bar), a bar while the dev set runs."""
+    args = ["--model", tiny["st_model"], "--data-dir", tiny["data"], "--task", "sst2", "--output-dir", str(tmp_path)]
+    env = {"PYTHONUNBUFFERED": "1"}  # stdout and stderr interleave as a terminal would show them
+    proc = run_train([*args, "--epochs", "2", "--train-size", "16", "--batch-size", "8", "--no-checkpoints"], env=env, stderr_to_stdout=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "LOAD REPORT" not in proc.stdout and "sst2 dev" in proc.stdout, proc.stdout[-3000:]
+    lines = render(proc.stdout)
+    new = (
+        "newly initialised: classifier.out_proj.weight, classifier.out_proj.bias (this task's head, which this run "
+        "trains); not loaded: pooler.dense.bias, pooler.dense.weight (mean pooling does not use the pooler)"
+    )
+    assert new in lines, lines
+    for epoch in (1, 2):
+        assert any(re.fullmatch(rf"epoch {epoch}: accuracy=\d\.\d{{4}}", line) for line in lines), lines
+    assert any(re.fullmatch(r"dev accuracy: \d\.\d{4} \(best epoch \d\) \| .* s", line) for line in lines), lines
+
+
+def test_load_line_warns_of_what_does_not_fit() -> None:
+    info = {
+        "missing_keys": {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight"},
+        "unexpected_keys": {"cls.predictions.bias"},
+        "mismatched_keys": [("bert.embeddings.word_embeddings.weight", (30, 32), (50, 32))],
+    }
+    line = modeling.describe_load(info, ["classifier.weight", "classifier.bias"], "cls")
+    head, warning = line.split("\n")
+    assert head == "newly initialised: classifier.weight, classifier.bias (this task's head, which this run trains)"
+    assert warning == (
+        "warning: the checkpoint does not fit the model: bert.pooler.dense.weight missing from the checkpoint "
+        "(random); cls.predictions.bias in the checkpoint but unused; bert.embeddings.word_embeddings.weight resized "
+        "from (30, 32) to (50, 32)"
+    )
 
 
 def test_bias_terms_subset_trains_fewer_parameters(tiny: dict[str, str], tmp_path: pathlib.Path) -> None:

@@ -159,3 +159,20 @@ def test_llm_serve_block_runs_as_written(tmp_path: Path, smollm2: str) -> None:
     assert lines[0].startswith("sst2: '") and lines[1].startswith("out/smollm2-135m: '"), run.stdout[-3000:]
     task_answer = lines[0].split(": ", 1)[1].rsplit(" (", 1)[0]
     assert lines[2] == f"streamed: {task_answer}", run.stdout[-3000:]
+
+
+def test_main_job_output_is_shown_as_printed() -> None:
+    """The README shows the main job's stdout line for line, in the formats train.py prints (the load line exactly:
+    MiniLM's checkpoint has a pooler that mean pooling leaves unused, and no task head)."""
+    from glue_bitfit.modeling import describe_load
+
+    fences = re.findall(r"^```(\w*)\n(.*?)^```", section("Install and run the main job (offline, CPU, a few minutes)"), re.S | re.M)  # fmt: skip
+    lines = next(text for lang, text in fences if not lang).strip().splitlines()
+    head = ["classifier.out_proj.weight", "classifier.out_proj.bias"]
+    info = {"missing_keys": [], "unexpected_keys": ["pooler.dense.weight", "pooler.dense.bias"], "mismatched_keys": []}
+    assert len(lines) == 5 and lines[1] == describe_load(info, head, "mean"), lines
+    assert re.fullmatch(
+        r"task=sst2 method=bitfit pooling=mean train=1000 dev=872 trainable=[\d,]+/[\d,]+ .*", lines[0]
+    )
+    assert [re.fullmatch(rf"epoch {i}: accuracy=0\.\d{{4}}", line) is not None for i, line in ((1, lines[2]), (2, lines[3]))] == [True, True]  # fmt: skip
+    assert re.fullmatch(r"dev accuracy: 0\.\d{4} \(best epoch \d\) \| .* \| wall time [\d.]+ s", lines[4]), lines[4]

@@ -50,18 +50,70 @@ def check_model_path(model: str) -> None:
 
 def build_base_model(model_path: str, num_labels: int, pooling: str, regression: bool) -> nn.Module:
     """The base model with a fresh classification head (`pooling` is `cls` or `mean`)."""
+    return load_base_model(model_path, num_labels, pooling, regression)[0]
+
+
+def load_base_model(
+    model_path: str, num_labels: int, pooling: str, regression: bool, load_report: bool = False
+) -> tuple[nn.Module, str]:
+    """`build_base_model`, plus one line on what the checkpoint did not provide, instead of transformers' LOAD REPORT
+    table (shown as well with `load_report=True`).
+
+    A pretrained encoder has no head for this task: the head is newly initialised, and training it is the point, so
+    the line says so; with mean pooling the checkpoint's pooler is left unused. Anything else missing, unused or
+    resized is listed after `warning:`, since it would mean the checkpoint does not match the model.
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
     problem_type = "regression" if regression else "single_label_classification"
-    if pooling == "mean":
-        from bitfit_peft.heads import MeanPooledSequenceClassifier
+    loader = hf_logging.get_logger("transformers.modeling_utils")
+    level, bars = loader.level, hf_logging.is_progress_bar_enabled()
+    if not load_report:
+        loader.setLevel(hf_logging.ERROR)
+        hf_logging.disable_progress_bar()
+    try:
+        if pooling == "mean":
+            from bitfit_peft.heads import MeanPooledSequenceClassifier
 
-        return MeanPooledSequenceClassifier.from_pretrained(
-            model_path, num_labels=num_labels, problem_type=problem_type
-        )
-    from transformers import AutoModelForSequenceClassification
+            try:  # as MeanPooledSequenceClassifier.from_pretrained loads it, with the loading info kept
+                encoder, info = AutoModel.from_pretrained(
+                    model_path, add_pooling_layer=False, output_loading_info=True
+                )
+            except TypeError:  # architectures without a pooler do not accept the argument
+                encoder, info = AutoModel.from_pretrained(model_path, output_loading_info=True)
+            model: nn.Module = MeanPooledSequenceClassifier(encoder, num_labels=num_labels, problem_type=problem_type)
+            object.__setattr__(model, "name_or_path", str(model_path))  # what peft records as the base model
+            head = [f"classifier.{name}" for name, _ in model.classifier.named_parameters()]
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                model_path, num_labels=num_labels, problem_type=problem_type, output_loading_info=True
+            )
+            head = [k for k in info["missing_keys"] if k.split(".")[0] in ("classifier", "score")]
+    finally:
+        loader.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model, describe_load(info, head, pooling)
 
-    return AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=num_labels, problem_type=problem_type
-    )
+
+def describe_load(info: dict[str, Any], head: list[str], pooling: str) -> str:
+    """One line from `from_pretrained(..., output_loading_info=True)`'s info: the new head, and any surprise."""
+    missing = [k for k in info["missing_keys"] if k not in head]
+    unused = sorted(info["unexpected_keys"])
+    pooler = [k for k in unused if "pooler" in k.split(".")] if pooling == "mean" else []
+    line = f"newly initialised: {', '.join(head)} (this task's head, which this run trains)"
+    if pooler:
+        line += f"; not loaded: {', '.join(pooler)} (mean pooling does not use the pooler)"
+    surprises = [
+        *(f"{k} missing from the checkpoint (random)" for k in sorted(missing)),
+        *(f"{k} in the checkpoint but unused" for k in unused if k not in pooler),
+        *(f"{k[0]} resized from {tuple(k[1])} to {tuple(k[2])}" for k in info.get("mismatched_keys", [])),
+    ]
+    if surprises:
+        line += f"\nwarning: the checkpoint does not fit the model: {'; '.join(surprises[:8])}"
+        line += f" (and {len(surprises) - 8} more)" if len(surprises) > 8 else ""
+    return line
 
 
 def apply_method(

@@ -77,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Stop (as if interrupted) after N optimizer steps, with a checkpoint; for testing resumption.",
     )
+    p.add_argument(
+        "--load-report",
+        action="store_true",
+        help="Also show transformers' LOAD REPORT table for the base model (by default one line says what is new).",
+    )
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per process.")
     p.add_argument("--log-every", type=int, default=10, help="Record the training loss every N steps.")
     p.add_argument(

@@ -105,7 +105,7 @@ def retrain(s: Any, state: Any) -> None:
     saved compact. `state.pruning` records the dev metrics before and right after pruning."""
     from transformers import get_linear_schedule_with_warmup
 
-    from .train import evaluate, score, train_one_epoch  # train imports this module: import its steps when run
+    from .train import evaluate, say, score, train_one_epoch  # train imports this module: import its steps when run
 
     args = s.args
     before = score(s) if args.init_adapter else {k: v for k, v in state.dev[-1].items() if k not in ("epoch", "step")}
@@ -123,7 +123,7 @@ def retrain(s: Any, state: Any) -> None:
     s.scheduler = get_linear_schedule_with_warmup(s.optimizer, int(args.warmup_ratio * steps), steps)
     s.bar.reset(total=steps)
     first = state.completed_steps // s.steps_per_epoch
-    s.accelerator.print(f"pruned to {kept:,}/{total:,} deltas: " + " ".join(f"{k}={v:.4f}" for k, v in state.pruning["pruned"].items()))  # fmt: skip
+    say(s, f"pruned to {kept:,}/{total:,} deltas: " + " ".join(f"{k}={v:.4f}" for k, v in state.pruning["pruned"].items()))  # fmt: skip
     for epoch in range(first, first + args.retrain_epochs):
         train_one_epoch(s, state, epoch)
         evaluate(s, state, epoch)

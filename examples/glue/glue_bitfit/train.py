@@ -36,7 +36,7 @@ from bitfit_peft.card import write_card
 
 from .data import get_task, load_task, subsample, tokenize
 from .metrics import compute_metrics
-from .modeling import apply_method, build_base_model, count_parameters, resolve_pooling
+from .modeling import apply_method, count_parameters, load_base_model, resolve_pooling
 from .options import parse_args, resolve_defaults, validate
 from .prune import apply_masks, load_init_adapter, retrain, save_compact
 from .tasks import TaskSpec
@@ -174,7 +174,7 @@ def setup(args: argparse.Namespace) -> tuple[Session, TrainState]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         pooling = resolve_pooling(args.pooling, args.model)
-        base = build_base_model(args.model, task.num_labels, pooling, task.is_regression)
+        base, load_line = load_base_model(args.model, task.num_labels, pooling, task.is_regression, args.load_report)
     except OSError as err:
         raise ValueError(f"Cannot load --model '{args.model}': {str(err).splitlines()[0]}") from None
     model, info = apply_method(base, args.method, args.bias_terms, args.lora_r, labels=task.labels)
@@ -214,6 +214,7 @@ def setup(args: argparse.Namespace) -> tuple[Session, TrainState]:
         f"task={task.name} method={args.method} pooling={pooling} train={len(train_ds)} dev={len(dev_ds)} "
         f"trainable={trainable:,}/{total:,} lr={args.lr} steps={total_steps} processes={accelerator.num_processes}"
     )
+    accelerator.print(load_line)
     bar = tqdm(
         total=total_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process, desc=task.name
     )
@@ -269,13 +270,24 @@ def train_one_epoch(s: Session, state: TrainState, epoch: int) -> bool:
     return False
 
 
+def say(s: Session, text: str) -> None:
+    """Print a result line on its own line, above the progress bars (a plain print would land after the bar's text)."""
+    from tqdm.auto import tqdm
+
+    if s.accelerator.is_local_main_process:
+        tqdm.write(text)
+
+
 def score(s: Session) -> dict[str, float]:
-    """The task's metrics on the dev set."""
+    """The task's metrics on the dev set (a progress bar under the training one while it runs, then gone)."""
+    from tqdm.auto import tqdm
+
     model, accelerator, task = s.model, s.accelerator, s.task
     model.eval()
     preds, golds = [], []
+    bar = tqdm(s.eval_dl, desc=f"{task.name} dev", leave=False, disable=not accelerator.is_local_main_process)
     with torch.no_grad():
-        for batch in s.eval_dl:
+        for batch in bar:
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
             out = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
             p, g = accelerator.gather_for_metrics((out, batch["labels"]))
@@ -295,7 +307,7 @@ def evaluate(s: Session, state: TrainState, epoch: int) -> None:
         keep = s.args.keep_fraction if s.masks is not None else None
         model = s.accelerator.unwrap_model(s.model)
         save_trainable(model, s.args.output_dir, s.is_peft, keep, s.accelerator.is_main_process)
-    s.accelerator.print(f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    say(s, f"epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
 def checkpoint(s: Session, state: TrainState) -> None:
