@@ -93,20 +93,32 @@ async def _load(url: str, models: list[str], prompts: list[str], concurrency: in
         async def stream(i: int) -> None:
             for j in range(per_stream):
                 n = i * per_stream + j  # request n goes to model n % len(models): exactly spread over the models
-                results.append(
-                    await stream_one(client, models[n % len(models)], prompts[n % len(prompts)], max_tokens)
-                )
+                try:
+                    res = await stream_one(client, models[n % len(models)], prompts[n % len(prompts)], max_tokens)
+                except Exception as exc:  # a failed request is counted, not fatal to the run
+                    res = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                results.append(res)
 
         start = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(stream(i) for i in range(concurrency))), timeout)
+        tasks = [asyncio.create_task(stream(i)) for i in range(concurrency)]
+        _, unfinished = await asyncio.wait(tasks, timeout=timeout)
+        for task in unfinished:  # past the bound: what finished is kept, the rest is counted as errors
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
         elapsed = time.perf_counter() - start
-    return summarize(results, elapsed)
+    out = summarize(results, elapsed)
+    out["unfinished"] = concurrency * per_stream - len(results)
+    out["errors"] += out["unfinished"]
+    if out["unfinished"] and not out["first_error"]:
+        out["first_error"] = f"{out['unfinished']} request(s) unfinished after {timeout:.1f} s"
+    return out
 
 
 def load_run(url: str, models: list[str], prompts: list[str], *, concurrency: int, per_stream: int, max_tokens: int,
              timeout: float = 600.0) -> dict[str, Any]:  # fmt: skip
     """`concurrency` streams, each sending `per_stream` requests one after the other (fixed work per run: the same
-    requests for every variant), bounded by `timeout` seconds in all; the `summarize` of its requests."""
+    requests for every variant), bounded by `timeout` seconds in all; the `summarize` of its requests, where requests
+    still unfinished at the bound (`unfinished`) count as errors and the tokens/s is over the bound."""
     return asyncio.run(_load(url, models, prompts, concurrency, per_stream, max_tokens, timeout))
 
 
