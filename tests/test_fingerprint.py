@@ -180,3 +180,38 @@ def test_the_order_in_which_targets_are_listed_does_not_matter() -> None:
     keys = [f"base_model.model.{t}.bitfit_delta" for t in TARGETS]
     assert fingerprint(base, keys[::-1]) == fingerprint(base, keys) == reference
     assert fingerprint(base, TARGETS[:3]) != reference
+
+
+def test_it_reads_exactly_the_documented_weights() -> None:
+    """The hash covers each target's bias and first weight row (a whole 1-D weight) and the first, middle and last
+    rows of the input embeddings; a signed zero is the same value."""
+    reference = fingerprint(_bert(0), TARGETS)
+
+    def changed(edit: object) -> bool:
+        model = _bert(0)
+        with torch.no_grad():
+            edit(model)  # type: ignore[operator]
+        return fingerprint(model, TARGETS) != reference
+
+    embeddings = "bert.embeddings.word_embeddings.weight"
+    query = "bert.encoder.layer.0.attention.self.query"
+    n = _bert(0).get_parameter(embeddings).shape[0]
+    for row in (0, n // 2, n - 1):
+        assert changed(lambda m, row=row: m.get_parameter(embeddings)[row].add_(1.0)), row
+    assert not changed(lambda m: m.get_parameter(embeddings)[1].add_(1.0))
+    assert changed(lambda m: m.get_parameter(f"{query}.weight")[0, 3].add_(1.0))
+    assert not changed(lambda m: m.get_parameter(f"{query}.weight")[1, 3].add_(1.0))
+    assert changed(lambda m: m.get_parameter(f"{query}.bias")[5].add_(1.0))
+    norm = "bert.encoder.layer.0.attention.output.LayerNorm"
+    assert fingerprint(_bert(0), [norm]) != fingerprint(_bert(1), [norm])
+    model = _bert(0)
+    with torch.no_grad():
+        model.get_parameter(f"{norm}.weight")[5].add_(1.0)  # a 1-D weight is hashed whole, not its first value
+    assert fingerprint(model, [norm]) != fingerprint(_bert(0), [norm])
+    zero = _bert(0)
+    with torch.no_grad():
+        zero.get_parameter(f"{query}.bias").zero_()
+    negative = _bert(0)
+    with torch.no_grad():
+        negative.get_parameter(f"{query}.bias").zero_().neg_()  # -0.0 everywhere
+    assert fingerprint(zero, TARGETS) == fingerprint(negative, TARGETS)

@@ -101,6 +101,11 @@ def test_plan_chunks_is_the_cheapest_cut_and_refuses_bad_arguments() -> None:
         plan = plan_chunks(lengths, max_rows, cost)
         assert [i for c in plan for i in range(*c)] == list(range(len(lengths)))
         assert all(end - start <= max_rows for start, end in plan) and total(plan) == best
+    for n in range(1, 12):  # an infinite forward cost: full chunks of max_rows rows, the rest in the last one
+        max_rows = rng.randint(1, 5)
+        plan = plan_chunks(list(range(n)), max_rows, math.inf)
+        assert [i for c in plan for i in range(*c)] == list(range(n)) and len(plan) == math.ceil(n / max_rows)
+        assert all(end - start == max_rows for start, end in plan[:-1])
     with pytest.raises(ValueError, match="sorted ascending"):
         plan_chunks([3, 1], 4, 1.0)
     with pytest.raises(ValueError, match="forward_cost must be a number of tokens"):
