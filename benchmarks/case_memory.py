@@ -79,12 +79,32 @@ def _saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tenso
     return sum(seen.values())
 
 
-def probe(model_name: str, batch: int, seq: int, kind: str, quick: bool, threads: int) -> dict[str, Any]:
+# The decoder table (SmolLM2-135M-Instruct): label -> (make_variant kind, its kwargs).
+DECODER_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bitfit b_q+b_m2": ("bitfit", {"bias_terms": ["query", "intermediate"], "add_missing_bias": True}),
+    "bitfit all biases": ("bitfit", {"add_missing_bias": True}),
+    "lora r=8 q,v": ("lora", {}),
+    "full": ("full", {}),
+}
+
+
+def probe(
+    model_name: str,
+    batch: int,
+    seq: int,
+    kind: str,
+    quick: bool,
+    threads: int,
+    checkpointing: bool = False,
+    variant_kw: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Runs in a fresh process: memory figures of training `kind` on `model_name` at batch x seq."""
     torch.set_num_threads(threads)
     settings = Settings.for_mode(quick)
     base = MODELS[model_name](settings)
-    model = make_variant(kind, model_name, base)
+    model = make_variant(kind, model_name, base, **(variant_kw or {}))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     del base
     gc.collect()
     trim_heap()
@@ -148,6 +168,7 @@ def run(settings: Settings) -> dict[str, Any]:
             ])  # fmt: skip
     if shared is not None:
         shared.shutdown()
+    decoder = _decoder_table(settings, ctx) if settings.keeps("smollm2") else None
     columns = [
         "model", "variant", "trainable", "RSS built", "peak RSS (step)", "peak − built", "allocator peak",
         "grads", "AdamW state", "saved activations",
@@ -156,7 +177,9 @@ def run(settings: Settings) -> dict[str, Any]:
         "title": "Peak training memory and optimizer state",
         "probes": data,
         "skipped": skipped,
-        "tables": [{"title": "One training step per fresh process", "columns": columns, "rows": rows}],
+        "tables": [{"title": "One training step per fresh process", "columns": columns, "rows": rows}]
+        + ([decoder["table"]] if decoder else []),
+        "decoder_probes": decoder["probes"] if decoder else [],
         "targets": [],
         "notes": [
             "peak − built = the step's own RSS cost (activations, gradients, optimizer state, allocator slack).",
@@ -166,3 +189,42 @@ def run(settings: Settings) -> dict[str, Any]:
             "seconds on a shared 2-core CPU).",
         ],
     }
+
+
+def _decoder_table(settings: Settings, ctx: Any) -> dict[str, Any]:
+    """SmolLM2-135M-Instruct: each variant, with and without checkpointing, at two sequence lengths, in a fresh
+    process. Saved-for-backward bytes are exact and stable run to run; RSS and the allocator peak are beside them."""
+    batch, seqs = (2, (16,)) if settings.quick else (2, (128, 256))
+    probes, rows = [], []
+    # Quick mode (CI) shares one worker, as the encoder table does; full mode spawns a fresh process per probe.
+    shared = ProcessPoolExecutor(max_workers=1, mp_context=ctx) if settings.quick else None
+    for seq in seqs:
+        for checkpointing in (False, True):
+            group = {}
+            for label, (kind, kw) in DECODER_VARIANTS.items():
+                pool = shared or ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+                args = ("smollm2", batch, seq, kind, settings.quick, torch.get_num_threads(), checkpointing, kw)
+                try:
+                    fig = pool.submit(probe, *args).result()
+                finally:
+                    if pool is not shared:
+                        pool.shutdown()
+                fig.update(model="smollm2", batch=batch, seq=seq, variant=label, checkpointing=checkpointing)
+                probes.append(fig)
+                group[label] = fig
+            lora = group["lora r=8 q,v"]["saved_activation_bytes"]
+            for label, fig in group.items():
+                rows.append([
+                    f"{batch}×{seq}", "on" if checkpointing else "off", label, f"{fig['trainable_params']:,}",
+                    fmt_bytes(fig["saved_activation_bytes"]), f"{fig['saved_activation_bytes'] / lora:.2f}",
+                    fmt_bytes(fig["allocator_peak_step"]), fmt_bytes(fig["peak_rss_over_build"]),
+                    fmt_bytes(fig["grad_bytes"]), fmt_bytes(fig["optimizer_state_bytes"]),
+                ])  # fmt: skip
+    if shared is not None:
+        shared.shutdown()
+    columns = [
+        "batch×seq", "checkpointing", "variant", "trainable", "saved for backward", "× LoRA", "allocator peak",
+        "peak RSS − built", "grads", "AdamW state",
+    ]  # fmt: skip
+    title = "SmolLM2-135M-Instruct: memory of one training step" + (" (quick: tiny Llama)" if settings.quick else "")
+    return {"probes": probes, "table": {"title": title, "columns": columns, "rows": rows}}

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .smollm2 import smollm2
 from .timing import interleaved
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,9 +132,10 @@ MODELS: dict[str, Callable[[Settings], nn.Module]] = {
     "minilm": minilm,
     "gpt2-shaped": gpt2_shaped,
     "llama-shaped": llama_shaped,
+    "smollm2": smollm2,
 }
 LORA_TARGETS = {"bert-base": ["query", "value"], "minilm": ["query", "value"], "gpt2-shaped": ["c_attn"]}
-LORA_TARGETS["llama-shaped"] = ["q_proj", "v_proj"]
+LORA_TARGETS["llama-shaped"] = LORA_TARGETS["smollm2"] = ["q_proj", "v_proj"]
 
 
 def is_decoder(model: nn.Module) -> bool:
