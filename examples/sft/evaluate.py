@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "accuracy": correct / len(dev),
         "unparsed": sum(p is None for p in parsed),
         "eval_seconds": round(eval_seconds, 1),
+        "answers": parsed,  # per dev example, in subset order: the label word found, or None
         "samples": [
             {"text": e.text[:80], "label": task.label_words[e.label], "generated": a}
             for e, a in zip(dev[:5], answers[:5], strict=True)
