@@ -602,6 +602,22 @@ def test_schemathesis_finds_no_failure_with_every_check(
     enforces stated, no 5xx (schemathesis --checks all, a bounded number of examples, against the real server)."""
     schemathesis = shutil.which("schemathesis") or pytest.skip("pip install schemathesis (the test extra)")
     app = create_app(settings(served, api_key="k", max_wait_ms=1), open_store(served))  # admin calls change tasks
+    schemathesis_run(schemathesis, app, caplog)
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_failure_on_a_decoder_base(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The same on a decoder base: the OpenAI completion routes (streaming included) and /v1/generate."""
+    schemathesis = shutil.which("schemathesis") or pytest.skip("pip install schemathesis (the test extra)")
+    base = save_base(tmp_path / "base", "gpt2")
+    for i in range(2):
+        save_adapter(base, tmp_path / "adapters" / f"g{i}", seed=i)
+    store = TaskStore.open(str(base), str(tmp_path / "adapters"))
+    app = create_app(ServeSettings(base=str(base), adapters=str(tmp_path / "adapters"), api_key="k", max_new_tokens=8), store)  # fmt: skip
+    schemathesis_run(schemathesis, app, caplog)
+
+
+def schemathesis_run(schemathesis: str, app: Any, caplog: pytest.LogCaptureFixture) -> None:
     with running(app) as url:
         run = subprocess.run(
             [schemathesis, "run", f"{url}/openapi.json", "--checks", "all", "-H", "Authorization: Bearer k",

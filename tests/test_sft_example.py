@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("trl", reason="pip install trl (the examples extra)")
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "sft"
-sys.path.insert(0, str(EXAMPLE))
+sys.path.append(str(EXAMPLE))  # appended: `import train` elsewhere means examples/glue/train.py
 
 import sft_data  # noqa: E402
 from peft import PeftModel  # noqa: E402

@@ -7,7 +7,7 @@ logprobs, no echo), so a request that asks for more gets a 400 naming the field 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -26,6 +26,9 @@ __all__ = [
 ]
 
 
+Stop = Annotated[str, Field(min_length=1)]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = Field(False, description="Send a last chunk with `usage` before `[DONE]`.")
@@ -39,8 +42,10 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default 16; at most --max-new-tokens).")  # fmt: skip
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same text, whatever the batch.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings; the text ends before the first.")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Same seed, same text, whatever the batch.")
+    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = Field(
+        None, description="Up to 4 stop strings; the text ends before the first."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = Field(1, description="Only 1 choice per request.")
@@ -64,7 +69,9 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     """`POST /v1/completions`: a prompt (one text; a list of one text is accepted too)."""
 
-    prompt: NonBlank | list[NonBlank] = Field(description="The prompt: a text, or a list holding one text.")
+    prompt: NonBlank | Annotated[list[NonBlank], Field(min_length=1, max_length=1)] = Field(
+        description="The prompt: a text, or a list holding one text."
+    )
     echo: Literal[False] = False
     suffix: None = None
     best_of: Literal[1] | None = None
@@ -128,7 +135,9 @@ class EmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=128, description="The task (adapter) name, or the base model's name.")
-    input: NonBlank | list[NonBlank] = Field(description="A text or a list of texts.")
+    input: NonBlank | Annotated[list[NonBlank], Field(min_length=1)] = Field(
+        description="A text or a non-empty list of texts."
+    )
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: little-endian float32 bytes (the openai client's default)."
     )

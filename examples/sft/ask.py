@@ -12,7 +12,7 @@ from pathlib import Path
 
 from openai import OpenAI
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.append(str(Path(__file__).parent))  # appended: examples/glue has a train.py too
 import sft_data  # noqa: E402
 
 
