@@ -1,0 +1,68 @@
+"""OpenAI's completion routes on a decoder base, driven by the official `openai` client against the real server on
+127.0.0.1: greedy answers equal the engine's offline output (itself equal to `PeftModel.generate` alone,
+tests/test_generation_engine.py), streamed or not; usage, finish_reason, stop; OpenAI's error shape and 400s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra")
+openai = pytest.importorskip("openai", reason="the test extra: pip install openai")
+
+from serving_helpers import save_adapter, save_base, text  # noqa: E402
+from test_server import running  # noqa: E402
+
+from bitfit_peft.constants import BASE  # noqa: E402
+from bitfit_peft.serving import TaskStore  # noqa: E402
+from bitfit_peft.serving.engine import GenerationEngine, SamplingParams  # noqa: E402
+from bitfit_peft.serving.server import ServeSettings, create_app  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_completions_streamed_or_not_equal_the_engine_offline(tmp_path: Path) -> None:
+    base = save_base(tmp_path / "base", "gpt2")
+    for i in range(2):
+        save_adapter(base, tmp_path / "adapters" / f"g{i}", seed=i)
+    store = TaskStore.open(str(base), str(tmp_path / "adapters"))
+    offline = GenerationEngine(TaskStore.open(str(base), str(tmp_path / "adapters")))
+    offline.start()
+    app = create_app(ServeSettings(base=str(base), adapters=str(tmp_path / "adapters"), max_new_tokens=8), store)
+    try:
+        with running(app) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+            for i, model in enumerate(["g0", "g1", str(base)]):  # the base's name: no adapter
+                task, prompt = (BASE if model == str(base) else model), text(30 + i)
+                want = offline.submit(task, prompt, SamplingParams(max_tokens=6, temperature=0)).result(timeout=60)
+                got = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0)
+                assert got.choices[0].text == want.text and got.choices[0].finish_reason == want.finish_reason
+                assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (
+                    want.prompt_tokens,
+                    want.completion_tokens,
+                )
+                chunks = list(client.completions.create(model=model, prompt=[prompt], max_tokens=6, temperature=0,
+                                                        stream=True, stream_options={"include_usage": True}))  # fmt: skip
+                assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+                assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == want.completion_tokens
+            seeded = [client.completions.create(model="g0", prompt="w1 w2", max_tokens=5, seed=7, temperature=1.0)
+                      for _ in range(2)]  # fmt: skip
+            assert seeded[0].choices[0].text == seeded[1].choices[0].text  # same seed, same text
+            for bad, field in (
+                (dict(n=2), "n"),
+                (dict(best_of=3), "best_of"),
+                (dict(logit_bias={"1": 1}), "logit_bias"),
+            ):
+                with pytest.raises(openai.BadRequestError) as err:
+                    client.completions.create(model="g0", prompt="w1", max_tokens=2, extra_body=None, **bad)  # type: ignore[arg-type]
+                assert err.value.body["param"] == field, err.value.body
+            with pytest.raises(openai.BadRequestError, match="more than the server allows"):
+                client.completions.create(model="g0", prompt="w1", max_tokens=9)
+            with pytest.raises(openai.NotFoundError) as missing:
+                client.completions.create(model="nope", prompt="w1", max_tokens=2)
+            assert missing.value.body["type"] == "unknown_task" and "g0, g1" in missing.value.body["message"]
+            with pytest.raises(openai.BadRequestError, match="chat template"):  # the tiny tokenizer has none
+                client.chat.completions.create(model="g0", messages=[{"role": "user", "content": "w1"}], max_tokens=2)
+    finally:
+        offline.close(30)
