@@ -11,31 +11,28 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra")
 openai = pytest.importorskip("openai", reason="the test extra: pip install openai")
 
-from serving_helpers import save_adapter, save_base, text  # noqa: E402
+from test_generation_engine import PROMPTS, build  # noqa: E402
 from test_server import running  # noqa: E402
 
 from bitfit_peft.constants import BASE  # noqa: E402
-from bitfit_peft.serving import TaskStore  # noqa: E402
-from bitfit_peft.serving.engine import GenerationEngine, SamplingParams  # noqa: E402
+from bitfit_peft.serving.engine import SamplingParams  # noqa: E402
 from bitfit_peft.serving.server import ServeSettings, create_app  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_completions_streamed_or_not_equal_the_engine_offline(tmp_path: Path) -> None:
-    base = save_base(tmp_path / "base", "gpt2")
-    for i in range(2):
-        save_adapter(base, tmp_path / "adapters" / f"g{i}", seed=i)
-    store = TaskStore.open(str(base), str(tmp_path / "adapters"))
-    offline = GenerationEngine(TaskStore.open(str(base), str(tmp_path / "adapters")))
-    offline.start()
-    app = create_app(ServeSettings(base=str(base), adapters=str(tmp_path / "adapters"), max_new_tokens=8), store)
+def test_completions_and_chat_streamed_or_not_equal_the_engine_offline(tmp_path: Path) -> None:
+    served = build(tmp_path, "llama")  # a byte-level BPE tokenizer with a chat template; tasks t0, t1, t2
+    base = str(served.root / "base")
+    offline = served.engine
+    app = create_app(ServeSettings(base=base, adapters=str(served.root / "adapters"), max_new_tokens=8), served.store)
     try:
         with running(app) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-            for i, model in enumerate(["g0", "g1", str(base)]):  # the base's name: no adapter
-                task, prompt = (BASE if model == str(base) else model), text(30 + i)
+            for i, model in enumerate(["t0", "t1", base]):  # the base's name: no adapter
+                task, prompt = (BASE if model == base else model), PROMPTS[i]
                 want = offline.submit(task, prompt, SamplingParams(max_tokens=6, temperature=0)).result(timeout=60)
+                assert want.text  # the tokenizer decodes: the comparisons below compare text
                 got = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0)
                 assert got.choices[0].text == want.text and got.choices[0].finish_reason == want.finish_reason
                 assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (
@@ -46,7 +43,15 @@ def test_completions_streamed_or_not_equal_the_engine_offline(tmp_path: Path) ->
                                                         stream=True, stream_options={"include_usage": True}))  # fmt: skip
                 assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
                 assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == want.completion_tokens
-            seeded = [client.completions.create(model="g0", prompt="w1 w2", max_tokens=5, seed=7, temperature=1.0)
+            messages = [{"role": "user", "content": PROMPTS[3]}]
+            want = offline.submit("t2", messages, SamplingParams(max_tokens=6, temperature=0)).result(timeout=60)
+            chat = client.chat.completions.create(model="t2", messages=messages, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+            assert chat.choices[0].message.content == want.text and chat.choices[0].message.role == "assistant"
+            stream = client.chat.completions.create(
+                model="t2", messages=messages, max_tokens=6, temperature=0, stream=True
+            )  # type: ignore[arg-type]
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.text
+            seeded = [client.completions.create(model="t0", prompt="the cat", max_tokens=5, seed=7, temperature=1.0)
                       for _ in range(2)]  # fmt: skip
             assert seeded[0].choices[0].text == seeded[1].choices[0].text  # same seed, same text
             for bad, field in (
@@ -55,14 +60,12 @@ def test_completions_streamed_or_not_equal_the_engine_offline(tmp_path: Path) ->
                 (dict(logit_bias={"1": 1}), "logit_bias"),
             ):
                 with pytest.raises(openai.BadRequestError) as err:
-                    client.completions.create(model="g0", prompt="w1", max_tokens=2, extra_body=None, **bad)  # type: ignore[arg-type]
+                    client.completions.create(model="t0", prompt="the", max_tokens=2, **bad)  # type: ignore[arg-type]
                 assert err.value.body["param"] == field, err.value.body
             with pytest.raises(openai.BadRequestError, match="more than the server allows"):
-                client.completions.create(model="g0", prompt="w1", max_tokens=9)
+                client.completions.create(model="t0", prompt="the", max_tokens=9)
             with pytest.raises(openai.NotFoundError) as missing:
-                client.completions.create(model="nope", prompt="w1", max_tokens=2)
-            assert missing.value.body["type"] == "unknown_task" and "g0, g1" in missing.value.body["message"]
-            with pytest.raises(openai.BadRequestError, match="chat template"):  # the tiny tokenizer has none
-                client.chat.completions.create(model="g0", messages=[{"role": "user", "content": "w1"}], max_tokens=2)
+                client.completions.create(model="nope", prompt="the", max_tokens=2)
+            assert missing.value.body["type"] == "unknown_task" and "t0, t1, t2" in missing.value.body["message"]
     finally:
-        offline.close(30)
+        assert offline.close(30)
