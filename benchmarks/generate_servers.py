@@ -29,7 +29,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from .serving_servers import ROOT, Server
+from .serving_servers import ROOT, Server, serve_apps
 
 STATIC_MAX_BATCH, STATIC_MAX_WAIT_MS = 64, 5.0
 # `transformers serve`'s paged KV cache: the same token budget as ours (`ServeSettings.max_tokens_in_flight`). Left to
@@ -78,7 +78,6 @@ def static_app(store: Any, max_batch_size: int = STATIC_MAX_BATCH, max_wait_ms: 
 
 async def _serve(args: argparse.Namespace) -> None:
     import torch
-    import uvicorn
 
     from bitfit_peft.serving import TaskStore
     from bitfit_peft.serving.server import ServeSettings, create_app
@@ -94,16 +93,7 @@ async def _serve(args: argparse.Namespace) -> None:
     if hasattr(store, "generate"):  # the static path (gone once the engine replaces it: then only `ours` runs)
         apps["static"] = static_app(store)
     load_s = time.perf_counter() - started
-    servers = {v: uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-               for v, app in apps.items()}  # fmt: skip
-    running = [asyncio.create_task(s.serve()) for s in servers.values()]
-    while not all(s.started for s in servers.values()):
-        if any(t.done() for t in running):
-            raise SystemExit("a server failed to start (see the log above)")
-        await asyncio.sleep(0.05)
-    ports = {v: s.servers[0].sockets[0].getsockname()[1] for v, s in servers.items()}
-    print("SERVING " + json.dumps({"ports": ports, "load_s": load_s}), flush=True)
-    await asyncio.gather(*running)
+    await serve_apps(apps, load_s)
 
 
 def _env(threads: int) -> dict[str, str]:

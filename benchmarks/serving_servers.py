@@ -106,7 +106,6 @@ class LoraStore:
 
 async def _serve(args: argparse.Namespace) -> None:
     import torch
-    import uvicorn
 
     from bitfit_peft.serving import TaskStore
     from bitfit_peft.serving.server import ServeSettings, create_app
@@ -124,6 +123,14 @@ async def _serve(args: argparse.Namespace) -> None:
             raise SystemExit(f"adapters refused: {dict(list(store.refused.items())[:3])}")
         apps = {"a": create_app(settings, store), "b": create_app(settings, GroupedStore(store))}  # type: ignore[arg-type]
     load_s = time.perf_counter() - started
+    await serve_apps(apps, load_s)
+
+
+async def serve_apps(apps: dict[str, Any], load_s: float) -> None:
+    """Run each app under uvicorn on 127.0.0.1 (an ephemeral port each), print `SERVING {"ports": ..., "load_s": ...}`
+    once all are up (what `Server.wait_ready` reads), then serve until stopped."""
+    import uvicorn
+
     servers = {v: uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
                for v, app in apps.items()}  # fmt: skip
     running = [asyncio.create_task(s.serve()) for s in servers.values()]
