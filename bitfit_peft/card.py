@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from . import compact
-from .constants import CARD_NAME, CONFIG_NAME, METRICS_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+from .constants import CARD_NAME, METRICS_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 from .constants import DELTA_ATTR as DELTA_MARKER
-from .files import read_safetensors
+from .files import read_adapter_config, read_safetensors
 
 _PIPELINE_TAGS = {
     "SEQ_CLS": "text-classification",
@@ -181,8 +181,7 @@ def write_card(directory: str, metrics: dict[str, float] | None = None, task: st
     >>> write_card("out/sst2", metrics={"accuracy": 0.912}, task="sst2")  # doctest: +SKIP
     'out/sst2/README.md'
     """
-    with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_adapter_config(directory)  # rendered as saved
     if metrics is not None:
         with open(os.path.join(directory, METRICS_NAME), "w", encoding="utf-8") as f:
             json.dump({**({"task": task} if task else {}), **metrics}, f, indent=1)

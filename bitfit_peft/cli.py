@@ -13,6 +13,7 @@ fit) is one `error: ...` line on stderr and a non-zero exit, never a traceback. 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -26,7 +27,8 @@ from safetensors.torch import save_file
 from . import compact
 from .analysis import BiasChange, bias_changes_from_state_dicts, change_matrix, layer_index
 from .card import adapter_info, model_card, read_eval_results
-from .constants import CARD_NAME, CONFIG_NAME, METRICS_NAME, PEFT_TYPE_NAME, WEIGHTS_NAME
+from .config import BitFitConfig, read_config
+from .constants import CARD_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME
 from .constants import PEFT_KEY_PREFIX as PEFT_PREFIX
 from .files import read_safetensors, read_safetensors_header
 from .fingerprint import fingerprint, target_modules_of
@@ -43,21 +45,13 @@ class CliError(Exception):
 
 
 # ---------------------------------------------------------------- reading adapters
-def read_adapter(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], int]:
-    """The config dict, the tensors as saved, and the file size of a BitFit adapter directory."""
-    if not os.path.isdir(path):
-        raise CliError(f"{path}: no such directory (expected an adapter directory written by save_pretrained).")
-    config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(config_path):
-        raise CliError(f"{path}: not a peft adapter, there is no {CONFIG_NAME}.")
+def read_adapter(path: str) -> tuple[BitFitConfig, dict[str, torch.Tensor], int]:
+    """The config, the tensors as saved, and the file size of a BitFit adapter directory."""
     try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as err:
-        raise CliError(f"{config_path}: cannot read it as JSON ({err}).") from err
-    if not isinstance(config, dict) or str(config.get("peft_type")) != PEFT_TYPE_NAME:
-        found = config.get("peft_type") if isinstance(config, dict) else None
-        raise CliError(f"{path}: not a BitFit adapter (peft_type {found!r}, expected {PEFT_TYPE_NAME!r}).")
+        config = read_config(path)
+    except ValueError as err:
+        raise CliError(_one_line(err)) from err
+    weights_path = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
         raise CliError(f"{path}: no {WEIGHTS_NAME} next to {CONFIG_NAME}.")
     try:
@@ -69,11 +63,10 @@ def read_adapter(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], in
     return config, tensors, os.path.getsize(weights_path)
 
 
-def saved_facts(path: str, config: dict[str, Any]) -> dict[str, Any]:
+def saved_facts(path: str, config: BitFitConfig) -> dict[str, Any]:
     """What a training run saved with the adapter: label names (its config) and dev metrics on a task (eval_results)."""
-    labels = config.get("labels")
     metrics, task = read_eval_results(path)
-    return {"labels": labels if isinstance(labels, list) else None, "metrics": metrics, "task": task}
+    return {"labels": config.labels, "metrics": metrics, "task": task}
 
 
 def decoded(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,8 +108,8 @@ def _short_name(module_name: str) -> str:
     return module_name.split(f".{index}.", 1)[-1] if index is not None else module_name
 
 
-def _model_type(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str | None:
-    base = config.get("base_model_name_or_path")
+def _model_type(config: BitFitConfig, state: dict[str, torch.Tensor]) -> str | None:
+    base = config.base_model_name_or_path
     if base and os.path.isfile(os.path.join(base, "config.json")):
         try:
             with open(os.path.join(base, "config.json")) as f:
@@ -130,7 +123,7 @@ def _model_type(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str |
 def cmd_inspect(args: argparse.Namespace) -> int:
     config, tensors, size = read_adapter(args.adapter)
     state = decoded(tensors)
-    info = adapter_info(config, tensors, file_bytes=size, **saved_facts(args.adapter, config))
+    info = adapter_info(config.to_json_dict(), tensors, file_bytes=size, **saved_facts(args.adapter, config))
     info["header_bytes"] = header_bytes(os.path.join(args.adapter, WEIGHTS_NAME))
     info["tensors"] = {
         k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in tensors.items()
@@ -220,7 +213,7 @@ def parse_target(text: str, current: str) -> tuple[str, float | None]:
 def cmd_convert(args: argparse.Namespace) -> int:
     config, tensors, size = read_adapter(args.adapter)
     state = decoded(tensors)
-    current = adapter_info(config, tensors)["dtype"]
+    current = adapter_info(config.to_json_dict(), tensors)["dtype"]
     dtype, keep = parse_target(args.to, current)
     if os.path.abspath(args.out) == os.path.abspath(args.adapter):
         raise CliError("OUT must be a new directory, not the adapter being converted.")
@@ -241,14 +234,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     # The config says how the file is stored (transformers' load_adapter refuses packed ones by this field).
     stored = {"save_dtype": dtype, "keep_fraction": keep, "packed": compact.is_packed(new)}
     with open(os.path.join(args.out, CONFIG_NAME), "w") as f:
-        json.dump({**config, **stored}, f, indent=2, sort_keys=True)
+        json.dump({**config.to_json_dict(), **stored}, f, indent=2, sort_keys=True)
     new_size = os.path.getsize(out_file)
     back = compact.decode(new)
     error = max((float((back[k] - v).abs().max()) for k, v in state.items() if v.numel()), default=0.0)
     # The card keeps what the training run recorded (label names, dev metrics); the metrics file travels with it.
     facts = saved_facts(args.adapter, config)
     with open(os.path.join(args.out, CARD_NAME), "w", encoding="utf-8") as f:
-        f.write(model_card(adapter_info(config, new, file_bytes=new_size, **facts)))
+        f.write(model_card(adapter_info(config.to_json_dict(), new, file_bytes=new_size, **facts)))
     if os.path.isfile(os.path.join(args.adapter, METRICS_NAME)):
         shutil.copyfile(os.path.join(args.adapter, METRICS_NAME), os.path.join(args.out, METRICS_NAME))
     keep_modes(args.adapter, args.out)
@@ -295,7 +288,7 @@ def check_base(base: str) -> None:
         )
 
 
-def build_base(config: dict[str, Any], state: dict[str, torch.Tensor], base: str) -> torch.nn.Module:
+def build_base(config: BitFitConfig, state: dict[str, torch.Tensor], base: str) -> torch.nn.Module:
     """The base model for an adapter: the Auto class of its task type, with num_labels from the saved head."""
     import transformers
 
@@ -303,7 +296,7 @@ def build_base(config: dict[str, Any], state: dict[str, torch.Tensor], base: str
 
     heads = {k: v for k, v in state.items() if not k.endswith("bitfit_delta") and k.endswith(".weight")}
     kwargs: dict[str, Any] = {}
-    task_type = config.get("task_type")
+    task_type = config.task_type
     if task_type in ("SEQ_CLS", "TOKEN_CLS") and heads:
         ends = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
         sizes = [v.shape[0] for k, v in heads.items() if v.dim() == 2 and k.endswith(ends)]
@@ -320,7 +313,7 @@ def build_base(config: dict[str, Any], state: dict[str, torch.Tensor], base: str
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     import bitfit_peft  # noqa: F401 - registers BITFIT with peft
 
@@ -329,7 +322,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     check_base(args.base)
     model = build_base(config, state, args.base)
     problems: list[str] = []
-    recorded = config.get("base_fingerprint")
+    recorded = config.base_fingerprint
     actual = fingerprint(model, target_modules_of(list(state)))
     if recorded is None:
         print(f"fingerprint: not recorded in the adapter (base gives {actual})")
@@ -341,8 +334,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if bad:
         problems.append(f"non-finite values in {bad[:3]}")
     try:
-        peft_config = PeftConfig.from_peft_type(**{**config, "inference_mode": True})
-        peft_model = get_peft_model(model, peft_config)
+        peft_model = get_peft_model(model, dataclasses.replace(config, inference_mode=True))
     except (ValueError, TypeError) as err:
         raise CliError(f"the adapter config does not fit --base {args.base} ({_one_line(err)}).") from err
     expected = compact.decode(get_peft_model_state_dict(peft_model))  # keys as the adapter stores them

@@ -6,16 +6,17 @@ the module order into a packed file's header; loading it checks the weights file
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from peft.config import PeftConfig
 
 from .card import write_card
 from .compact import CODECS, codec
-from .constants import BIAS_TERMS, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, BitFitPeftType
-from .files import check_adapter_file, write_layout_metadata
+from .constants import BIAS_TERMS, CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, BitFitPeftType
+from .files import check_adapter_file, read_adapter_config, write_layout_metadata
 
 
 @dataclass
@@ -227,6 +228,11 @@ class BitFitConfig(PeftConfig):
             check_adapter_file(path)
         return config  # type: ignore[return-value]
 
+    def to_json_dict(self) -> dict[str, Any]:
+        """The config as `save_pretrained` writes it to adapter_config.json (sets as sorted lists, enums as strings)."""
+        plain = {k: sorted(v) if isinstance(v, set) else v for k, v in self.to_dict().items()}
+        return json.loads(json.dumps(plain))  # type: ignore[no-any-return]
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write adapter_config.json; beside a weights file (peft writes it first) also the module order into a packed
         file's header and the README.md model card (`bitfit_peft.card.write_card`)."""
@@ -235,3 +241,21 @@ class BitFitConfig(PeftConfig):
             write_layout_metadata(os.path.join(save_directory, WEIGHTS_NAME))
         if any(os.path.isfile(os.path.join(save_directory, n)) for n in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)):
             write_card(save_directory)
+
+
+def read_config(directory: str) -> BitFitConfig:
+    """The `BitFitConfig` saved in an adapter directory, checked as `BitFitConfig(...)` checks its arguments.
+
+    Keys this version does not know (written by a newer peft) are ignored, as peft ignores them. This is how the
+    package reads a saved config (the CLI, the serving store, `hotswap_adapter`); nothing else parses the file.
+
+    Raises:
+        ValueError: the directory or its `adapter_config.json` is missing or unreadable, not a BitFit config, or holds
+            a value `BitFitConfig` refuses (the message names the file and the field).
+    """
+    saved = read_adapter_config(directory)
+    known = {f.name for f in fields(BitFitConfig) if f.init}
+    try:
+        return BitFitConfig(**{k: v for k, v in saved.items() if k in known})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{os.path.join(directory, CONFIG_NAME)}: {err}") from None

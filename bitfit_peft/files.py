@@ -24,13 +24,14 @@ from typing import Any, Literal
 import torch
 
 from . import compact
-from .constants import KEY_PATTERN, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+from .constants import CONFIG_NAME, KEY_PATTERN, PEFT_TYPE_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 
 __all__ = [
     "LoadPolicy",
     "check_adapter_file",
     "current_policy",
     "load_policy",
+    "read_adapter_config",
     "read_adapter_weights",
     "read_safetensors",
     "read_safetensors_header",
@@ -216,6 +217,32 @@ def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
     except (OSError, ValueError) as err:
         raise _file_error(path, err) from None
     return header, len(data)
+
+
+def read_adapter_config(directory: str) -> dict[str, Any]:
+    """The `adapter_config.json` of a BitFit adapter directory, as saved: the one place that file is read.
+
+    `config.read_config` builds a `BitFitConfig` from it; the model card renders it as saved.
+
+    Raises:
+        ValueError: the directory or its config is missing, the config is not a JSON object, or not a BitFit one.
+    """
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory}: no such directory; pass an adapter directory written by save_pretrained().")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(
+            f"{directory}: not a peft adapter, there is no {CONFIG_NAME}; pass a directory written by save_pretrained()."
+        ) from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read it as JSON ({err}); save the adapter again.") from None
+    if not isinstance(config, dict) or str(config.get("peft_type")) != PEFT_TYPE_NAME:
+        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{directory}: not a BitFit adapter (peft_type {found!r}, expected {PEFT_TYPE_NAME!r}).")
+    return config
 
 
 def check_adapter_file(directory: str) -> None:

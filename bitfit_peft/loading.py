@@ -10,11 +10,9 @@ PeftModel (transformers' `load_adapter`, which reads tensors by name and never c
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 import weakref
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -24,7 +22,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from . import compact
-from .constants import PEFT_KEY_PREFIX, delta_key, is_delta_key, strip_peft_prefix
+from .config import BitFitConfig, read_config
+from .constants import CONFIG_NAME, PEFT_KEY_PREFIX, delta_key, is_delta_key, strip_peft_prefix
 from .files import check_adapter_file, current_policy
 from .fingerprint import fingerprint, target_modules_of
 from .layer import BitFitLayer
@@ -204,13 +203,11 @@ def _load_state(model_id: str | dict[str, torch.Tensor], device: torch.device | 
     return load_peft_weights(model_id, device=str(device))  # decoded by the caller
 
 
-def _saved_config(model_id: str | dict[str, torch.Tensor]) -> Any:
-    """The adapter_config.json of a local adapter directory (its recorded fingerprint), or None."""
-    path = os.path.join(model_id, "adapter_config.json") if isinstance(model_id, str) else ""
-    if not os.path.isfile(path):
+def _saved_config(model_id: str | dict[str, torch.Tensor]) -> BitFitConfig | None:
+    """The config of a local adapter directory (its recorded fingerprint), or None for a state dict."""
+    if not isinstance(model_id, str) or not os.path.isfile(os.path.join(model_id, CONFIG_NAME)):
         return None
-    with open(path) as f:
-        return SimpleNamespace(**json.load(f))
+    return read_config(model_id)
 
 
 def hotswap_adapter(model: nn.Module, model_id: str | dict[str, torch.Tensor], adapter_name: str = "default") -> None:

@@ -8,6 +8,7 @@ the options that accept what is refused by default (`bitfit_peft.files.load_poli
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -201,3 +202,54 @@ def test_header_readers_share_the_strict_reader(tmp_path: Path) -> None:
     write_raw(bad, "{}", claimed=1 << 40)
     with pytest.raises(ValueError, match="the header claims"):
         read_safetensors_header(str(bad))
+
+
+def test_adapter_config_is_read_in_one_place(tmp_path: Path) -> None:
+    """`config.read_config` is how the CLI, the serving store and `hotswap_adapter` read adapter_config.json: a
+    saved config comes back as the `BitFitConfig` that was saved, keys of a newer peft are ignored, and every bad
+    config is refused by all of them with the same message, naming the file and the fix."""
+    from bitfit_peft.cli import CliError, read_adapter
+    from bitfit_peft.config import read_config
+    from bitfit_peft.loading import hotswap_adapter
+    from bitfit_peft.serving.adapters import AdapterError
+    from bitfit_peft.serving.adapters import read_adapter as serving_read
+
+    model, out = trained(tmp_path, bias_terms=["query", "intermediate"], labels=["neg", "pos"])
+    saved = model.peft_config["default"]
+    config_file = out / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "a_newer_peft_field": 1}))
+    back = read_config(str(out))
+    assert isinstance(back, BitFitConfig)
+    for name in ("bias_terms", "labels", "task_type", "base_fingerprint", "save_dtype", "add_missing_bias"):
+        assert getattr(back, name) == getattr(saved, name), name
+    assert back.to_json_dict()["bias_terms"] == ["intermediate", "query"]
+
+    def readers(path: Path, hotswap: bool = True) -> list[str]:
+        messages = []
+        for read, error in (
+            (lambda: read_config(str(path)), ValueError),
+            (lambda: read_adapter(str(path)), CliError),
+            (lambda: serving_read("t", str(path)), AdapterError),
+            *([(lambda: hotswap_adapter(model, str(path)), ValueError)] if hotswap else []),
+        ):
+            with pytest.raises(error) as caught:
+                read()
+            messages.append(str(caught.value))
+        return messages
+
+    good = json.loads(config_file.read_text())
+    before = snapshot(model)
+    cases = {
+        "{not json": r"adapter_config.json: cannot read it as JSON .*save the adapter again",
+        json.dumps({**good, "peft_type": "LORA"}): r"not a BitFit adapter \(peft_type 'LORA', expected 'BITFIT'\)",
+        json.dumps({**good, "bias_terms": ["nope"]}): r"adapter_config.json: Unknown bias_terms \['nope'\]",
+        json.dumps({**good, "keep_fraction": 2}): r"adapter_config.json: Invalid keep_fraction 2",
+    }
+    for text, pattern in cases.items():
+        config_file.write_text(text)
+        for message in readers(out):
+            assert re.search(pattern, message), (pattern, message)
+    config_file.unlink()  # hotswap_adapter takes a directory of weights alone, as it takes a state dict
+    for message in readers(out, hotswap=False):
+        assert "there is no adapter_config.json" in message, message
+    assert_same(snapshot(model), before)  # no refused hotswap touched the model

@@ -13,15 +13,14 @@ from typing import Any
 
 import torch
 
-from ..constants import DELTA_ATTR, PEFT_TYPE_NAME, strip_peft_prefix
+from ..config import BitFitConfig, read_config
+from ..constants import CONFIG_NAME, DELTA_ATTR, WEIGHTS_NAME, strip_peft_prefix
 from ..files import read_adapter_weights
 from .errors import AdapterError, UnknownTaskError
 
 __all__ = ["AdapterError", "AdapterFile", "UnknownTaskError", "read_adapter", "scan"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-# adapter_config.json fields that decide which modules an adapter targets
+# BitFitConfig fields that decide which modules an adapter targets
 SELECTION_FIELDS = (
     "target_modules",
     "bias_terms",
@@ -41,7 +40,7 @@ class AdapterFile:
     Args:
         name (`str`): the task name it is served under.
         path (`str`): its directory.
-        config (`dict`): adapter_config.json.
+        config (`BitFitConfig`): its adapter_config.json (`config.read_config`).
         deltas (`dict[str, torch.Tensor]`): module path (no peft prefix) -> delta, float32.
         head (`dict[str, torch.Tensor]`): head parameter path (e.g. `classifier.out_proj.weight`) -> value.
         size_bytes (`int`): size of the weights file.
@@ -49,7 +48,7 @@ class AdapterFile:
 
     name: str
     path: str
-    config: dict[str, Any]
+    config: BitFitConfig
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     head: dict[str, torch.Tensor] = field(default_factory=dict)
     size_bytes: int = 0
@@ -60,7 +59,7 @@ class AdapterFile:
 
     def selection_key(self) -> str:
         """Adapters with the same key target the same modules."""
-        return json.dumps({k: _canonical(self.config.get(k)) for k in SELECTION_FIELDS}, sort_keys=True)
+        return json.dumps({k: _canonical(getattr(self.config, k)) for k in SELECTION_FIELDS}, sort_keys=True)
 
 
 def _canonical(value: Any) -> Any:
@@ -74,21 +73,10 @@ def read_adapter(name: str, path: str) -> AdapterFile:
         AdapterError: the directory, config or weights are missing, unreadable, not BitFit, or hold non-finite values.
     """
     where = f"adapter {name!r} ({path})"
-    config_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isdir(path):
-        raise AdapterError(f"{where}: no such directory; pass a directory written by model.save_pretrained().")
     try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise AdapterError(
-            f"{where}: no {CONFIG_NAME}; pass a directory written by model.save_pretrained()."
-        ) from None
-    except (OSError, ValueError) as err:
-        raise AdapterError(f"{where}: {CONFIG_NAME} is not valid JSON ({err}); save the adapter again.") from None
-    if not isinstance(config, dict) or str(config.get("peft_type")) != PEFT_TYPE_NAME:
-        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise AdapterError(f"{where}: not a BitFit adapter (peft_type {found!r}, expected {PEFT_TYPE_NAME!r}).")
+        config = read_config(path)
+    except ValueError as err:
+        raise AdapterError(f"{where}: {err}") from None
     weights = os.path.join(path, WEIGHTS_NAME)
     if not os.path.exists(weights):
         raise AdapterError(

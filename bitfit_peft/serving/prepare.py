@@ -6,7 +6,6 @@ Nothing here changes the served model: `TaskStore` installs the result under its
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import BitFitConfig
+from ..config import read_config
 from ..constants import PREFIX, WEIGHTS_NAME, strip_peft_prefix
 from ..files import read_safetensors_header
 from ..fingerprint import fingerprint
@@ -70,7 +69,7 @@ class Preparer:
         """Check an adapter against this base and turn it into full-width delta rows (module path -> tensor), its
         head modules (head name -> module) and its `TaskInfo`. Reads the model, changes nothing."""
         where = f"adapter {adapter.name!r} ({adapter.path})"
-        task_type = adapter.config.get("task_type")
+        task_type = adapter.config.task_type
         if (self.kind == "generator") != (task_type == "CAUSAL_LM"):
             raise AdapterError(
                 f"{where}: task_type {task_type!r} does not fit this {self.kind} server "
@@ -114,36 +113,34 @@ class Preparer:
             if self.kind == "generator"
             else "embedding"
             if embedding
-            else config.get("problem_type") or ("regression" if width == 1 else "single_label_classification")
+            else config.problem_type or ("regression" if width == 1 else "single_label_classification")
         )
         labels: list[str] = []
         if problem not in ("regression", "generation", "embedding"):
-            labels = list(config.get("labels") or [f"LABEL_{i}" for i in range(width)])
+            labels = list(config.labels or [f"LABEL_{i}" for i in range(width)])
         if labels and len(labels) != width:
             raise AdapterError(f"{where}: {len(labels)} label names for a head with {width} outputs.")
         info = TaskInfo(
             name=adapter.name,
             problem=problem,
             labels=labels,
-            bias_terms=sorted(config["bias_terms"]) if config.get("bias_terms") else None,
+            bias_terms=sorted(config.bias_terms) if config.bias_terms else None,
             size_bytes=adapter.size_bytes,
             params=adapter.params,
             path=os.path.abspath(adapter.path),
             loaded_at=time.time(),
-            fingerprint=config.get("base_fingerprint"),
+            fingerprint=config.base_fingerprint,
         )
         return rows, heads, info
 
     def _selection(self, adapter: AdapterFile, where: str) -> dict[str, list[int] | None]:
         key = adapter.selection_key()
         if key not in self._selections:
-            fields = {k: v for k, v in adapter.config.items() if k in BitFitConfig.__dataclass_fields__}
-            fields.pop("peft_type", None)
-            embedding = adapter.config.get("task_type") == "FEATURE_EXTRACTION"
+            embedding = adapter.config.task_type == "FEATURE_EXTRACTION"
             model = self.model.get_submodule(self.encoder_prefix) if embedding else self.model
             prefix = f"{self.encoder_prefix}." if embedding else ""
             try:
-                found = select_targets(model, BitFitConfig(**fields), self._config)
+                found = select_targets(model, adapter.config, self._config)
                 self._selections[key] = {prefix + k: v for k, v in found.items()}
             except (TypeError, ValueError) as err:
                 raise AdapterError(f"{where}: its config does not fit this base model ({err}).") from None
@@ -152,13 +149,13 @@ class Preparer:
     def _check_fingerprint(self, adapter: AdapterFile, selection: dict[str, list[int] | None], where: str) -> None:
         """Refuse an adapter whose recorded base fingerprint is not this base's (another checkpoint of the same
         shapes, which the shape checks cannot see). Adapters saved without a fingerprint are served."""
-        expected = adapter.config.get("base_fingerprint")
+        expected = adapter.config.base_fingerprint
         if not expected:
             return
         key = adapter.selection_key()
         served = self._fingerprints.get(key)
         if served is None:
-            if adapter.config.get("task_type") == "FEATURE_EXTRACTION":  # recorded on the bare encoder
+            if adapter.config.task_type == "FEATURE_EXTRACTION":  # recorded on the bare encoder
                 n = len(self.encoder_prefix) + 1
                 encoder = self.model.get_submodule(self.encoder_prefix)
                 served = self._fingerprints[key] = fingerprint(encoder, sorted(k[n:] for k in selection))
@@ -166,7 +163,7 @@ class Preparer:
                 served = self._fingerprints[key] = fingerprint(self.model, sorted(selection))
         if served != expected:
             raise AdapterError(
-                f"{where}: it was trained on {adapter.config.get('base_model_name_or_path')!r} (base fingerprint "
+                f"{where}: it was trained on {adapter.config.base_model_name_or_path!r} (base fingerprint "
                 f"{expected}) but this server's base has fingerprint {served}: another checkpoint of the same shapes. "
                 "Serve it on the base it was trained on."
             )
@@ -205,9 +202,8 @@ class Preparer:
 def task_type(path: str) -> str | None:
     """The `task_type` in an adapter directory's config, or None when it cannot be read."""
     try:
-        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
-            value = json.load(f).get("task_type")
-    except (OSError, ValueError, AttributeError):
+        value = read_config(path).task_type
+    except ValueError:
         return None  # reported when the adapter itself is read
     return value if isinstance(value, str) else None
 
