@@ -74,10 +74,6 @@ class _Item:
     future: Future = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
 
-    @property
-    def generate(self) -> bool:
-        return isinstance(self.work, GenerationRequest)
-
 
 class Batcher:
     """Cross-task dynamic micro-batcher over a `TaskStore` (see the module docstring).
@@ -90,15 +86,8 @@ class Batcher:
         observer: optional receiver of `BatchStats` and queue depths (e.g. Prometheus metrics).
     """
 
-    def __init__(
-        self,
-        store: Any,
-        *,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 5.0,
-        max_queue: int = 1024,
-        observer: BatchObserver | None = None,
-    ) -> None:
+    def __init__(self, store: Any, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024,
+                 observer: BatchObserver | None = None) -> None:  # fmt: skip
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
@@ -205,8 +194,9 @@ class Batcher:
             finally:
                 with self._cond:
                     self._busy -= len(batch)
+                    depth = len(self._queue) + self._busy
                 if self.observer is not None:
-                    self.observer.on_queue_depth(self.depth)
+                    self.observer.on_queue_depth(depth)
 
     def _next_batch(self) -> list[_Item] | None:
         with self._cond:
@@ -230,9 +220,9 @@ class Batcher:
         if not live:
             return
         started = time.perf_counter()
-        generates = [item for item in live if item.generate]
+        generates = [item for item in live if isinstance(item.work, GenerationRequest)]
         embeds = [item for item in live if isinstance(item.work, EmbedItem)]
-        predicts = [item for item in live if not item.generate and not isinstance(item.work, EmbedItem)]
+        predicts = [item for item in live if not isinstance(item.work, (GenerationRequest, EmbedItem))]
         failed = 0
         for group, method in ((predicts, "predict_outcomes"), (embeds, "embed_outcomes"), (generates, "generate")):
             if group:
@@ -272,12 +262,12 @@ class Batcher:
                     _settle(item.future, result, None)
             return failed
         failed = 0
-        for item, result in zip(
-            items, results, strict=True
-        ):  # `predict_outcomes` puts an item's own error in its place
-            error = result if isinstance(result, ServingError) else None
-            _settle(item.future, None if error else result, error)
-            failed += error is not None
+        for item, result in zip(items, results, strict=True):  # `predict_outcomes` puts an item's error in its place
+            if isinstance(result, ServingError):
+                item.future.set_exception(result)
+                failed += 1
+            else:
+                item.future.set_result(result)
         return failed
 
 

@@ -1,4 +1,5 @@
-"""The serving errors, as types: each says what went wrong, its HTTP status and its `error_type`, in this one place.
+"""The serving errors, as types: each says what went wrong, and its class line gives its HTTP status and `error_type`
+(and whether the answer carries `Retry-After`), in this one place.
 
 The engine (store, batcher, generation) raises these; the HTTP app maps any `ServingError` to its status with one
 handler (`bitfit_peft.serving.server`), so a route never picks a status code itself. Anything that is not a
@@ -35,6 +36,15 @@ class ServingError(Exception):
     error_type = "internal"
     retry = False  # answered with `Retry-After`
 
+    def __init_subclass__(
+        cls, status: int | None = None, error_type: str | None = None, retry: bool | None = None, **kw: Any
+    ) -> None:
+        """`class XError(ServingError, status=404, error_type="x")`: what the answer to it says; unset: the parent's."""
+        super().__init_subclass__(**kw)
+        cls.status = cls.status if status is None else status
+        cls.error_type = cls.error_type if error_type is None else error_type
+        cls.retry = cls.retry if retry is None else retry
+
     def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.extra = extra
@@ -44,34 +54,25 @@ class ServingError(Exception):
         return str(self.args[0]) if self.args else self.error_type
 
 
-class BadInputError(ServingError, ValueError):
-    """An input the model cannot take (empty text, wrong shape, bad sampling value): 422."""
-
-    status, error_type = 422, "invalid_input"
+class BadInputError(ServingError, ValueError, status=422, error_type="invalid_input"):
+    """An input the model cannot take (empty text, wrong shape, bad sampling value)."""
 
 
-class TooLongError(BadInputError):
-    """An input longer than the server's limit: 413."""
-
-    status, error_type = 413, "too_long"
+class TooLongError(BadInputError, status=413, error_type="too_long"):
+    """An input longer than the server's limit."""
 
 
-class TooManyItemsError(BadInputError):
-    """More items in one request than the server takes: 413."""
-
-    status, error_type = 413, "too_many_items"
+class TooManyItemsError(BadInputError, status=413, error_type="too_many_items"):
+    """More items in one request than the server takes."""
 
 
-class WrongRouteError(BadInputError):
-    """A request this base cannot serve on this route (a task of another kind): 400."""
-
-    status, error_type = 400, "wrong_route"
+class WrongRouteError(BadInputError, status=400, error_type="wrong_route"):
+    """A request this base cannot serve on this route (a task of another kind)."""
 
 
-class UnknownTaskError(ServingError, KeyError):
-    """A task that is not loaded: 404; the message lists (some of) the tasks that are."""
+class UnknownTaskError(ServingError, KeyError, status=404, error_type="unknown_task"):
+    """A task that is not loaded; the message lists (some of) the tasks that are."""
 
-    status, error_type = 404, "unknown_task"
     LISTED = 50
 
     def __init__(self, task: str, known: list[str], where: str = "") -> None:
@@ -86,48 +87,35 @@ class UnknownTaskError(ServingError, KeyError):
         return self.message
 
 
-class AdapterError(ServingError, ValueError):
-    """An adapter cannot be served; the message names it and says what to do: 422."""
-
-    status, error_type = 422, "invalid_adapter"
+class AdapterError(ServingError, ValueError, status=422, error_type="invalid_adapter"):
+    """An adapter cannot be served; the message names it and says what to do."""
 
 
-class ForbiddenPathError(ServingError):
-    """An admin path outside the adapters directory: 403."""
-
-    status, error_type = 403, "forbidden_path"
+class ForbiddenPathError(ServingError, status=403, error_type="forbidden_path"):
+    """An admin path outside the adapters directory."""
 
 
-class MissingAdapterError(ServingError):
-    """No adapter directory at an admin path: 404."""
-
-    status, error_type = 404, "missing_adapter"
+class MissingAdapterError(ServingError, status=404, error_type="missing_adapter"):
+    """No adapter directory at an admin path."""
 
 
-class UnauthorizedError(ServingError):
-    """An admin request without the server's API key: 401."""
-
-    status, error_type = 401, "unauthorized"
+class UnauthorizedError(ServingError, status=401, error_type="unauthorized"):
+    """An admin request without the server's API key."""
 
 
-class OverloadedError(ServingError):
-    """The queue, or the generation budget of tokens in flight, is full: 429 with `Retry-After`."""
+class OverloadedError(ServingError, status=429, error_type="overloaded", retry=True):
+    """The queue, or the generation budget of tokens in flight, is full."""
 
-    status, error_type, retry = 429, "overloaded", True
     retry_after_s: float | None = None  # the engine's estimate, when it has one (else the server's setting)
 
 
-class DrainingError(ServingError, RuntimeError):
-    """The server is shutting down (or not started) and takes no new work: 503 with `Retry-After`."""
-
-    status, error_type, retry = 503, "unavailable", True
+class DrainingError(ServingError, RuntimeError, status=503, error_type="unavailable", retry=True):
+    """The server is shutting down (or not started) and takes no new work."""
 
 
 class StartingError(DrainingError):
-    """The server is still starting: 503 with `Retry-After`."""
+    """The server is still starting."""
 
 
-class TimedOutError(ServingError):
-    """No result within the request timeout: 504."""
-
-    status, error_type = 504, "timeout"
+class TimedOutError(ServingError, status=504, error_type="timeout"):
+    """No result within the request timeout."""

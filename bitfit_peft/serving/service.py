@@ -181,11 +181,6 @@ class Service:
             raise MissingAdapterError(f"No adapter directory at {path!r} inside {root}: save the adapter there first.")  # fmt: skip
         return real
 
-    def task_label(self, task: str) -> str:
-        """The bounded /metrics label of a served task; raises `UnknownTaskError` (404) if it is not served."""
-        self.store.task(task)
-        return self.metrics.task_label(task)
-
 
 def service(request: Request) -> Service:
     """The app's `Service` (a FastAPI dependency)."""

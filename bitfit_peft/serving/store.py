@@ -302,17 +302,13 @@ class TaskStore:
         while the others run: one bad request never fails its batch-mates, and costs no retry."""
         if self.kind != "classifier":
             raise WrongRouteError("This store serves a generator (causal LM): call generate(), not predict().")
-
-        def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.model(**batch).logits.float()
-
         embedding = [i for i, (task, *_) in enumerate(items) if getattr(self._info.get(task), "problem", "") == "embedding"]  # fmt: skip
         if embedding:  # no head to predict with: those items fail alone
             outcomes = self.predict_outcomes([x for i, x in enumerate(items) if i not in embedding], batch_size)
             for i in embedding:
                 outcomes.insert(i, WrongRouteError(f"Task {items[i][0]!r} is an embedding task (no head): use POST /v1/embeddings or /embed."))  # fmt: skip
             return outcomes
-        return self._outcomes(items, batch_size, run, lambda info, row, _: self._prediction(info, row))
+        return self._outcomes(items, batch_size)
 
     def embed_outcomes(
         self, items: Sequence[Item], batch_size: int = 64
@@ -323,45 +319,42 @@ class TaskStore:
         `predict_outcomes`."""
         if self.kind != "classifier":
             raise WrongRouteError("This store serves a generator (causal LM): embeddings need an encoder base.")
-        encoder: Any = getattr(self.model, "encoder_model", None) or self.model.base_model
+        return self._outcomes(items, batch_size, embed=True)
 
-        def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.pooling(encoder(**batch).last_hidden_state, batch["attention_mask"]).float()
-
-        return self._outcomes(items, batch_size, run, lambda info, row, tokens: (row.tolist(), tokens), base=True)
-
-    def _outcomes(
-        self, items: Sequence[Item], batch_size: int, run: Any, answer: Any, base: bool = False
-    ) -> list[Any]:
-        """Tokenize and check each item (its error in its place), then run the rest sorted by length in mixed
-        forwards cut by `plan_chunks`, under the read lock; `answer(info, row, tokens)` makes a row of `run` a result."""
+    def _outcomes(self, items: Sequence[Item], batch_size: int, embed: bool = False) -> list[Any]:
+        """Tokenize each item, then under the read lock check its task (the one check against unloads: a task
+        unloaded since the route looked it up fails alone) and run the rest sorted by length in mixed forwards cut by
+        `plan_chunks`; an item's error goes in its place. Each result is a `Prediction` from the task head, or with
+        `embed` (the base's name allowed) the pooled encoder states and the input's token count."""
+        encoder: Any = (getattr(self.model, "encoder_model", None) or self.model.base_model) if embed else None
         results: list[Any] = [None] * len(items)
         encoded: dict[int, dict[str, Any]] = {}
-        info = self._info
-        for i, (task, inputs, *rest) in enumerate(items):
+        for i, (_, inputs, *rest) in enumerate(items):
             try:
-                if task not in info and not (base and task == BASE):
-                    raise UnknownTaskError(task, sorted(info))
                 encoded[i] = self._encode(inputs, truncate=bool(rest[0]) if rest else True)
             except ServingError as err:
                 results[i] = err
-        order = sorted(encoded, key=lambda i: len(encoded[i]["input_ids"]))
         with self.lock.read():
-            info = self._info  # a task unloaded since the check above fails alone
-            for i in order:
-                if items[i][0] not in info and not (base and items[i][0] == BASE):
-                    results[i] = UnknownTaskError(items[i][0], sorted(info))
-            order = [i for i in order if results[i] is None]
+            info = self._info
+            for i, (task, *_) in enumerate(items):
+                if task not in info and not (embed and task == BASE):
+                    results[i] = UnknownTaskError(task, sorted(info))
+            order = sorted((i for i in encoded if results[i] is None), key=lambda i: len(encoded[i]["input_ids"]))
             lengths = [len(encoded[i]["input_ids"]) for i in order]
-            for start, end in plan_chunks(lengths, batch_size, self.forward_cost_tokens):
+            plan = [(0, 1)] if len(order) == 1 else plan_chunks(lengths, batch_size, self.forward_cost_tokens)
+            for start, end in plan:
                 chunk = order[start:end]
                 batch = self.tokenizer.pad([encoded[i] for i in chunk], return_tensors="pt")
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 names = [items[i][0] for i in chunk]
                 with torch.inference_mode(), mixed_batch(MixedBatch(names, self.routing)):
-                    rows = run(batch)
+                    if embed:
+                        rows = self.pooling(encoder(**batch).last_hidden_state, batch["attention_mask"]).float()
+                    else:
+                        rows = self.model(**batch).logits.float()
                 for j, i in enumerate(chunk):
-                    results[i] = answer(info.get(names[j]), rows[j], len(encoded[i]["input_ids"]))
+                    tokens = len(encoded[i]["input_ids"])
+                    results[i] = (rows[j].tolist(), tokens) if embed else self._prediction(info[names[j]], rows[j])
         return results
 
     @staticmethod

@@ -38,7 +38,9 @@ class EmbedRequest(BaseModel):
 
 async def _embed(svc: Service, request: Request, model: str | None, texts: list[str], truncate: bool) -> list[tuple[list[float], int]]:  # fmt: skip
     task = BASE if model in (None, svc.store.base_name) else str(model)
-    request.state.task = "base" if task == BASE else svc.task_label(task)  # 404 before queueing
+    request.state.task = (
+        "base" if task == BASE else svc.metrics.task_label(svc.store.task(task).name)
+    )  # 404 before queueing
     limit = min(svc.settings.max_items_per_request, svc.settings.max_queue)
     if len(texts) > limit:
         raise TooManyItemsError(f"{len(texts)} inputs in one request, more than {limit}: split the request.")

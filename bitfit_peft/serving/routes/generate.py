@@ -35,7 +35,7 @@ def _submit(svc: Service, request: Request, model: str, prompt: Any, body: Any, 
     from ..engine import SamplingParams
 
     task = BASE if model == svc.store.base_name else model
-    request.state.task = "base" if task == BASE else svc.task_label(task)
+    request.state.task = "base" if task == BASE else svc.metrics.task_label(svc.store.task(task).name)
     max_tokens = budget or DEFAULT_MAX_TOKENS
     if max_tokens > svc.settings.max_new_tokens:
         raise BadInputError(f"max_tokens {max_tokens} is more than the server allows ({svc.settings.max_new_tokens}): ask for fewer.")  # fmt: skip
@@ -134,7 +134,7 @@ async def chat_completions(body: ChatRequest, request: Request, svc: Svc) -> Any
 async def generate(body: GenerateRequest, request: Request, svc: Svc) -> GenerateResponse:
     from ..engine import SamplingParams
 
-    request.state.task = svc.task_label(body.task)
+    request.state.task = svc.metrics.task_label(svc.store.task(body.task).name)
     if body.max_new_tokens > svc.settings.max_new_tokens:
         raise BadInputError(f"max_new_tokens {body.max_new_tokens} is more than the server allows ({svc.settings.max_new_tokens}): ask for fewer.")  # fmt: skip
     temperature = body.temperature if body.do_sample else 0.0

@@ -20,7 +20,7 @@ router = APIRouter(tags=["inference"])
 
 @router.post("/v1/predict", summary="Predict one input of one task.", responses=documented(404, 413, 422, 429, 503, 504))  # fmt: skip
 async def predict(body: PredictRequest, request: Request, svc: Svc) -> Prediction:
-    request.state.task = label = svc.task_label(body.task)  # 404 before queueing
+    request.state.task = label = svc.metrics.task_label(svc.store.task(body.task).name)  # 404 before queueing
     svc.metrics.items.labels(task=label).inc()
     return (await svc.run([(body.task, body.inputs, body.truncate)]))[0]  # type: ignore[no-any-return]
 
