@@ -17,9 +17,12 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermed
 
 
 def tokenizer(path: Path) -> transformers.PreTrainedTokenizerBase:
+    """A word-level tokenizer over SPECIAL + WORDS (saved beside the model, so a served base decodes its ids). Built
+    from the vocabulary dict: transformers 5's `BertTokenizerFast(vocab_file=...)` saves a 5-token vocabulary, and the
+    reloaded tokenizer turned every word into [UNK] and decoded every id to ''."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(SPECIAL + WORDS) + "\n")
-    return transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    return transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(SPECIAL + WORDS)})
 
 
 def text(seed: int, n: int | None = None) -> str:
