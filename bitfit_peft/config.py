@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -235,10 +236,13 @@ class BitFitConfig(PeftConfig):
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write adapter_config.json; beside a weights file (peft writes it first) also the module order into a packed
-        file's header and the README.md model card (`bitfit_peft.card.write_card`)."""
+        file's header and the README.md model card (`bitfit_peft.card.write_card`). The weights file gets the config's
+        permission bits (the user's umask): safetensors writes 0600, which another user serving the adapter cannot read."""
         super().save_pretrained(save_directory, **kwargs)
-        if os.path.isfile(os.path.join(save_directory, WEIGHTS_NAME)):
-            write_layout_metadata(os.path.join(save_directory, WEIGHTS_NAME))
+        weights = os.path.join(save_directory, WEIGHTS_NAME)
+        if os.path.isfile(weights):
+            write_layout_metadata(weights)
+            os.chmod(weights, stat.S_IMODE(os.stat(os.path.join(save_directory, CONFIG_NAME)).st_mode))
         if any(os.path.isfile(os.path.join(save_directory, n)) for n in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)):
             write_card(save_directory)
 

@@ -227,3 +227,17 @@ def test_int8_file_quantizes_the_task_head_and_a_minilm_b_q_b_m2_adapter_fits_8_
         if "classifier" in key:
             name = key.replace("classifier.", "classifier.modules_to_save.default.")
             assert torch.equal(head[name].detach(), value), key
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_follow_the_umask_not_safetensors_0600(umask: int, tmp_path: Path) -> None:
+    """Another user serving the adapter must be able to read its weights: the weights file gets the same permission
+    bits as adapter_config.json (the umask's), not the 0600 safetensors writes."""
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", save_dtype="int8"))
+    old = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path / "a")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "a").iterdir()}
+    assert modes["adapter_model.safetensors"] == modes["adapter_config.json"] == 0o666 & ~umask, modes
