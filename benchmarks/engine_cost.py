@@ -1,5 +1,6 @@
 """What continuous batching costs: the generation engine (`serving.engine`, rows of several tasks) against a plain
-`model.generate` batch of the same size (the base alone), today's static `TaskStore.generate` and, where it runs,
+`model.generate` batch of the same size (the base alone), `PeftModel.generate` with the first task's adapter (the
+offline reference of one stream: `--rows 1 --tasks 1`), today's static `TaskStore.generate` and, where it runs,
 transformers' own continuous batching (`generate_batch`, the base alone), interleaved, median of repeats.
 
     python -m benchmarks.engine_cost --base ~/.cache/bitfit-peft-bench/smollm2-135m-instruct --rows 8 --tokens 24
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 from bitfit_peft import BitFitConfig
 from bitfit_peft.serving import GenerationRequest, TaskStore
@@ -61,6 +62,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         adapters(args.base, Path(tmp), args.tasks)
         store = TaskStore.open(args.base, tmp, max_length=512)
+        peft = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(args.base), f"{tmp}/task0")
+    peft = peft.eval()
     engine = GenerationEngine(store)
     engine.start()
     tok = store.tokenizer
@@ -83,6 +86,11 @@ def main() -> None:
             base.generate(**enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, pad_token_id=tok.pad_token_id)  # fmt: skip
         return args.rows * args.tokens
 
+    def run_peft() -> int:
+        with torch.inference_mode():
+            peft.generate(**enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, pad_token_id=tok.pad_token_id)  # fmt: skip
+        return args.rows * args.tokens
+
     def run_generate_batch() -> int:
         config = transformers.GenerationConfig(max_new_tokens=args.tokens, do_sample=False, eos_token_id=-1)
         ids = [tok(q)["input_ids"] for q in prompts]
@@ -90,7 +98,7 @@ def main() -> None:
             out = base.generate_batch(ids, generation_config=config)
         return sum(len(o.generated_tokens) for o in out.values())
 
-    methods: dict[str, Callable[[], int]] = {"generate (base, static batch)": run_generate, "engine (continuous, mixed tasks)": run_engine, "TaskStore.generate (static, mixed tasks)": run_static}  # fmt: skip
+    methods: dict[str, Callable[[], int]] = {"generate (base, static batch)": run_generate, "PeftModel.generate (task0, static batch)": run_peft, "engine (continuous, mixed tasks)": run_engine, "TaskStore.generate (static, mixed tasks)": run_static}  # fmt: skip
     if args.generate_batch:
         try:
             run_generate_batch()
