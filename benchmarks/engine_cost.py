@@ -5,7 +5,8 @@ transformers' own continuous batching (`generate_batch`, the base alone), interl
 
     python -m benchmarks.engine_cost --base ~/.cache/bitfit-peft-bench/smollm2-135m-instruct --rows 8 --tokens 24
 
-Prints one JSON line per method: generated tokens, seconds (median) and tokens/s, plus each one's ratio to the plain
+Prints one JSON line per method: generated tokens, seconds (median), the process's CPU seconds (median; with
+`--threads 1` the least disturbed by other jobs on a shared machine) and tokens/s, plus each one's ratio to the plain
 `generate` batch.
 """
 
@@ -106,20 +107,22 @@ def main() -> None:
         except Exception as exc:  # report why it does not run here
             print(json.dumps({"method": "transformers generate_batch (base)", "error": f"{type(exc).__name__}: {exc}"[:300]}), flush=True)  # fmt: skip
     times: dict[str, list[float]] = {m: [] for m in methods}
+    cpus: dict[str, list[float]] = {m: [] for m in methods}  # CPU seconds of the process (all threads)
     counts: dict[str, int] = {}
     for fn in methods.values():
         fn()  # warm-up
     for _ in range(args.repeats):
         for name, fn in methods.items():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             counts[name] = fn()
             times[name].append(time.perf_counter() - start)
+            cpus[name].append(time.process_time() - cpu)
     engine.close(60)
     ref = counts["generate (base, static batch)"] / statistics.median(times["generate (base, static batch)"])
     for name in methods:
         seconds = statistics.median(times[name])
         rate = counts[name] / seconds
-        print(json.dumps({"method": name, "rows": args.rows, "tokens": counts[name], "seconds": round(seconds, 3), "tokens_per_s": round(rate, 1), "vs_generate": round(rate / ref, 2), "threads": args.threads}), flush=True)  # fmt: skip
+        print(json.dumps({"method": name, "rows": args.rows, "tokens": counts[name], "seconds": round(seconds, 3), "cpu_seconds": round(statistics.median(cpus[name]), 3), "tokens_per_s": round(rate, 1), "vs_generate": round(rate / ref, 2), "threads": args.threads}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """`GenerationEngine`: continuous (iteration-level) batching of generation requests for many tasks on one causal LM.
 
 One thread owns the model. At every step it admits new requests, runs one batched decode forward for all running
-rows (each row at its own position, routed to its own task's deltas) and at most one prefill chunk of a joining
-request, then samples each row with its own parameters. A request joins at a step boundary and leaves as soon as
+rows (each row at its own position, routed to its own task's deltas) and one left-padded prefill forward for the
+next prompt chunk of every joining request that fits the step's `prefill_tokens`, then samples each row with its
+own parameters. A request joins at a step boundary and leaves as soon as
 it ends, so a short request never waits behind a long one (no head-of-line blocking).
 
 Every step takes the store's read lock once (`TaskStore.lock`), so adapter loads, hotswaps and unloads happen
@@ -34,7 +35,7 @@ from ..routing import MixedBatch, mixed_batch
 from .errors import BadInputError, DrainingError, OverloadedError, TooLongError, UnknownTaskError, WrongRouteError
 from .handle import GenerationHandle
 from .kv import SlotCache, TokenPool, _padded, attention_mask
-from .sampling import Completion, SamplingParams, TextTracker, choose
+from .sampling import Completion, Prompt, SamplingParams, TextTracker, check_prompt, choose, prompt_ids
 from .store import TaskStore
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-Prompt = str | list[dict[str, str]]
 
 
 class GenerationObserver(Protocol):
@@ -199,7 +199,7 @@ class GenerationEngine:
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}.")
         if task != BASE:
             self.store.task(task)  # lock-free; raises UnknownTaskError
-        _check_prompt(prompt)
+        check_prompt(prompt)
         handle = GenerationHandle(self._cancel)
         with self._cond:
             self._inbox.append((task, prompt, params, handle, time.perf_counter()))
@@ -252,7 +252,7 @@ class GenerationEngine:
         if handle.cancelled:
             return handle._publish(error=DrainingError("The request was cancelled."))
         try:
-            ids = self._tokenize(prompt)
+            ids = prompt_ids(self.store.tokenizer, prompt, self.store.base_name)
             need = len(ids) + params.max_tokens
             if len(ids) > self.max_prompt_tokens:
                 raise TooLongError(f"The prompt is {len(ids)} tokens, more than this server's limit of {self.max_prompt_tokens}: shorten it.")  # fmt: skip
@@ -277,20 +277,6 @@ class GenerationEngine:
         """Seconds until the running request nearest its end frees its tokens (at the recent step time)."""
         left = [r.params.max_tokens - len(r.out) + len(r.prompt) - r.prefilled for r in self._running]
         return float(min(max(1.0, min(left, default=1) * self._step_s), 60.0))
-
-    def _tokenize(self, prompt: Prompt) -> list[int]:
-        tokenizer = self.store.tokenizer
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise BadInputError("The prompt is empty: send a non-empty prompt.")
-            return list(tokenizer(prompt)["input_ids"])
-        if not getattr(tokenizer, "chat_template", None):
-            raise BadInputError(f"The base {self.store.base_name!r} has no chat template: send a text prompt (/v1/completions) instead of messages.")  # fmt: skip
-        try:
-            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # a template that refuses these messages (e.g. roles out of order)
-            raise BadInputError(f"The chat template cannot render these messages: {exc}") from exc
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # ------------------------------------------------------------------ one step
     def _step(self) -> None:
@@ -412,13 +398,3 @@ class GenerationEngine:
                 self.observer.on_generation(event, data)
             except Exception:  # metrics must never stop generation
                 logger.exception("generation observer failed on %s", event)
-
-
-def _check_prompt(prompt: Prompt) -> None:
-    if isinstance(prompt, str):
-        return
-    if not isinstance(prompt, list) or not prompt:
-        raise BadInputError(f"prompt must be a text or a non-empty list of chat messages, got {type(prompt).__name__}.")  # fmt: skip
-    for message in prompt:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):  # fmt: skip
-            raise BadInputError(f'Each chat message must be {{"role": str, "content": str}}, got {message!r}.')

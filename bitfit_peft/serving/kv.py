@@ -6,9 +6,11 @@ pool never runs out mid-generation, and gives them back when it leaves (`TokenPo
 tokens, so there is no fragmentation: any free slots serve any request.
 
 One forward runs rows at different positions: `SlotCache` is a transformers `Cache` whose `update` writes each
-row's new keys/values into that row's own slots and returns every row's keys/values gathered up to the longest
-row (`(rows, kv_heads, length, head_dim)`); `attention_mask` is the matching additive 4D mask (a row sees its own
-tokens up to its position, nothing past its length), which transformers' mask builders take as-is.
+row's new keys/values into that row's own slots and returns every row's keys/values up to the longest row
+(`(rows, kv_heads, length, head_dim)`): gathered from the slots for a prefill forward, read from a persistent
+decode view (grown in place, a row gathered only when it joins) for a decode forward; `attention_mask` is the
+matching additive 4D mask (a row sees its own tokens up to its position, nothing past its length; left padding
+sees nothing real), which transformers' mask builders take as-is.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class SlotCache(Cache):
         self._view: list[torch.Tensor] = []  # per layer: keys then values, (rows_cap, kv_heads, length_cap, head_dim)
         self._view_rows: list[int] = []  # the key of each row of the view, in batch order
         self._columns: torch.Tensor | None = None  # decode step: each row's new position, or None (a gather step)
+        self._batch = torch.zeros(0, dtype=torch.long)  # decode step: 0..rows-1
         self.gathers = 0  # rows gathered from the slots into the view (for tests and profiling)
         self.gathered_steps = 0  # decode steps that gathered every row from the slots (a batch too big to keep)
 
@@ -125,6 +128,7 @@ class SlotCache(Cache):
         device = self.keys[0].device
         self._write = torch.stack([slots[i][positions[i]] for i in order]).to(device)
         self._columns = torch.tensor([positions[i] for i in order], device=device)
+        self._batch = torch.arange(rows, device=device)
         self._seen = length
         return order, length
 
@@ -198,7 +202,7 @@ class SlotCache(Cache):
                 out.append(gathered.transpose(1, 2))
             else:
                 view = self._view[i * layers + layer_idx]
-                view[torch.arange(rows, device=view.device), :, self._columns] = new[:, :, 0]
+                view[self._batch, :, self._columns] = new[:, :, 0]
                 out.append(view[:rows, :, : self._seen])  # a strided view: attention reads it without a copy
         return out[0], out[1]
 
