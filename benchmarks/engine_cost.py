@@ -1,10 +1,12 @@
 """What continuous batching costs: the generation engine (`serving.engine`, rows of several tasks) against a plain
-`model.generate` batch of the same size (the base alone), today's static `TaskStore.generate` and, where it runs,
+`model.generate` batch of the same size (the base alone), `PeftModel.generate` with the first task's adapter (the
+offline reference of one stream: `--rows 1 --tasks 1`), today's static `TaskStore.generate` and, where it runs,
 transformers' own continuous batching (`generate_batch`, the base alone), interleaved, median of repeats.
 
     python -m benchmarks.engine_cost --base ~/.cache/bitfit-peft-bench/smollm2-135m-instruct --rows 8 --tokens 24
 
-Prints one JSON line per method: generated tokens, seconds (median) and tokens/s, plus each one's ratio to the plain
+Prints one JSON line per method: generated tokens, seconds (median), the process's CPU seconds (median; with
+`--threads 1` the least disturbed by other jobs on a shared machine) and tokens/s, plus each one's ratio to the plain
 `generate` batch.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 from bitfit_peft import BitFitConfig
 from bitfit_peft.serving import GenerationRequest, TaskStore
@@ -61,6 +63,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         adapters(args.base, Path(tmp), args.tasks)
         store = TaskStore.open(args.base, tmp, max_length=512)
+        peft = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(args.base), f"{tmp}/task0")
+    peft = peft.eval()
     engine = GenerationEngine(store)
     engine.start()
     tok = store.tokenizer
@@ -83,6 +87,11 @@ def main() -> None:
             base.generate(**enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, pad_token_id=tok.pad_token_id)  # fmt: skip
         return args.rows * args.tokens
 
+    def run_peft() -> int:
+        with torch.inference_mode():
+            peft.generate(**enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, pad_token_id=tok.pad_token_id)  # fmt: skip
+        return args.rows * args.tokens
+
     def run_generate_batch() -> int:
         config = transformers.GenerationConfig(max_new_tokens=args.tokens, do_sample=False, eos_token_id=-1)
         ids = [tok(q)["input_ids"] for q in prompts]
@@ -90,7 +99,7 @@ def main() -> None:
             out = base.generate_batch(ids, generation_config=config)
         return sum(len(o.generated_tokens) for o in out.values())
 
-    methods: dict[str, Callable[[], int]] = {"generate (base, static batch)": run_generate, "engine (continuous, mixed tasks)": run_engine, "TaskStore.generate (static, mixed tasks)": run_static}  # fmt: skip
+    methods: dict[str, Callable[[], int]] = {"generate (base, static batch)": run_generate, "PeftModel.generate (task0, static batch)": run_peft, "engine (continuous, mixed tasks)": run_engine, "TaskStore.generate (static, mixed tasks)": run_static}  # fmt: skip
     if args.generate_batch:
         try:
             run_generate_batch()
@@ -98,20 +107,22 @@ def main() -> None:
         except Exception as exc:  # report why it does not run here
             print(json.dumps({"method": "transformers generate_batch (base)", "error": f"{type(exc).__name__}: {exc}"[:300]}), flush=True)  # fmt: skip
     times: dict[str, list[float]] = {m: [] for m in methods}
+    cpus: dict[str, list[float]] = {m: [] for m in methods}  # CPU seconds of the process (all threads)
     counts: dict[str, int] = {}
     for fn in methods.values():
         fn()  # warm-up
     for _ in range(args.repeats):
         for name, fn in methods.items():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             counts[name] = fn()
             times[name].append(time.perf_counter() - start)
+            cpus[name].append(time.process_time() - cpu)
     engine.close(60)
     ref = counts["generate (base, static batch)"] / statistics.median(times["generate (base, static batch)"])
     for name in methods:
         seconds = statistics.median(times[name])
         rate = counts[name] / seconds
-        print(json.dumps({"method": name, "rows": args.rows, "tokens": counts[name], "seconds": round(seconds, 3), "tokens_per_s": round(rate, 1), "vs_generate": round(rate / ref, 2), "threads": args.threads}), flush=True)  # fmt: skip
+        print(json.dumps({"method": name, "rows": args.rows, "tokens": counts[name], "seconds": round(seconds, 3), "cpu_seconds": round(statistics.median(cpus[name]), 3), "tokens_per_s": round(rate, 1), "vs_generate": round(rate / ref, 2), "threads": args.threads}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

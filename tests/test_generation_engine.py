@@ -117,6 +117,8 @@ def test_mixed_tasks_in_one_batch_equal_each_adapter_alone(served: Served) -> No
         assert out.text == served.store.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         assert out.finish_reason == ("stop" if out.token_ids[-1] == served.engine.eos.copy().pop() else "length")
     assert max(s["tasks"] for s in served.steps) == 4  # rows of all tasks and the base decoded in one forward
+    assert max(s["prefill_rows"] for s in served.steps) > 1  # prompts of several requests in one padded forward
+    assert all(s["prefill_tokens"] <= 4 * s["prefill_rows"] for s in served.steps)  # at most prefill_chunk a row
     assert len({o.token_ids for o in outs}) > 5  # the adapters and prompts really give different texts
     assert served.engine.tokens_in_flight == 0
 
@@ -153,6 +155,35 @@ def test_chunked_prefill_equals_unchunked(tmp_path: Path) -> None:
         assert max(s["prefill_tokens"] for s in one.steps) == 1
     finally:
         assert one.engine.close(30) and whole.engine.close(30)
+
+
+def test_decode_view_gathers_each_row_once_and_falls_back_when_too_big(tmp_path: Path) -> None:
+    """Rows joining the decode view mid-flight and leaving it from the middle (their places refilled by the last
+    rows): each row's keys/values are gathered from the slots once, not at every step. With a KV budget too small
+    for the padded batch (one long row beside short ones), decode steps gather from the slots instead; both equal
+    each adapter alone."""
+    roomy = build(tmp_path / "a", "llama")
+    tight = build(tmp_path / "b", "llama", max_tokens_in_flight=75)
+    long = ("t0", PROMPTS[3], 40)
+    shorts = [("t1", PROMPTS[4], 4), ("t2", PROMPTS[3], 9), (BASE, PROMPTS[4], 6)]
+    try:
+        for s in (roomy, tight):
+            first = s.engine.submit(*long[:2], greedy(long[2]))
+            for _ in range(4000):  # until the long row is 30 tokens in (bounded: each wait is one step)
+                if len(s.steps) >= 30 or first.done:
+                    break
+                threading.Event().wait(0.005)
+            handles = [s.engine.submit(t, p, greedy(n)) for t, p, n in shorts]
+            assert first.result(60).token_ids == s.reference(*long)
+            assert len(first.result(60).token_ids) == 40  # no early end: the long row is long when the others join
+            for (task, prompt, n), h in zip(shorts, handles, strict=True):
+                assert h.result(60).token_ids == s.reference(task, prompt, n), (task, prompt)
+        cache = roomy.engine._cache
+        assert cache is not None and cache.gathered_steps == 0
+        assert 0 < cache.gathers <= 1 + len(shorts)  # once per row, not once per step
+        assert tight.engine._cache is not None and tight.engine._cache.gathered_steps > 0
+    finally:
+        assert roomy.engine.close(30) and tight.engine.close(30)
 
 
 def test_stop_strings_cut_the_text_and_the_stream(served: Served) -> None:

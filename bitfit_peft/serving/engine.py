@@ -1,8 +1,9 @@
 """`GenerationEngine`: continuous (iteration-level) batching of generation requests for many tasks on one causal LM.
 
 One thread owns the model. At every step it admits new requests, runs one batched decode forward for all running
-rows (each row at its own position, routed to its own task's deltas) and at most one prefill chunk of a joining
-request, then samples each row with its own parameters. A request joins at a step boundary and leaves as soon as
+rows (each row at its own position, routed to its own task's deltas) and one left-padded prefill forward for the
+next prompt chunk of every joining request that fits the step's `prefill_tokens`, then samples each row with its
+own parameters. A request joins at a step boundary and leaves as soon as
 it ends, so a short request never waits behind a long one (no head-of-line blocking).
 
 Every step takes the store's read lock once (`TaskStore.lock`), so adapter loads, hotswaps and unloads happen
@@ -19,6 +20,7 @@ Completion(text=' positive', finish_reason='stop', prompt_tokens=9, completion_t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -32,8 +34,8 @@ from ..constants import BASE
 from ..routing import MixedBatch, mixed_batch
 from .errors import BadInputError, DrainingError, OverloadedError, TooLongError, UnknownTaskError, WrongRouteError
 from .handle import GenerationHandle
-from .kv import SlotCache, TokenPool, attention_mask
-from .sampling import Completion, SamplingParams, TextTracker, choose
+from .kv import SlotCache, TokenPool, _padded, attention_mask
+from .sampling import Completion, Prompt, SamplingParams, TextTracker, check_prompt, choose, prompt_ids
 from .store import TaskStore
 
 __all__ = [
@@ -46,7 +48,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-Prompt = str | list[dict[str, str]]
 
 
 class GenerationObserver(Protocol):
@@ -70,6 +71,7 @@ class _Row:
     tracker: TextTracker
     generator: torch.Generator | None
     submitted: float
+    key: int = field(default_factory=itertools.count().__next__)
     prefilled: int = 0
     out: list[int] = field(default_factory=list)
     first_token: float | None = None
@@ -82,7 +84,10 @@ class GenerationEngine:
         store (`TaskStore`): a store of a causal LM (`store.kind == "generator"`).
         max_tokens_in_flight (`int`): the KV budget: prompt + `max_tokens` of every admitted request, in tokens.
         max_running (`int`): most rows in the decode batch; admitted requests beyond it wait their turn.
-        prefill_chunk (`int`): prompt tokens prefilled per step (one request's chunk per step).
+        prefill_chunk (`int`): most prompt tokens of one request prefilled per step, so a long prompt does not
+            stall running decodes.
+        prefill_tokens (`int`, *optional*): most prompt tokens prefilled per step over all joining requests, in
+            one padded forward (rows x longest chunk); default: `4 * prefill_chunk`.
         max_prompt_tokens (`int`, *optional*): longest prompt; default: the model's positions less one.
         observer (`GenerationObserver`, *optional*): told about steps, first tokens and finished requests.
     """
@@ -94,12 +99,14 @@ class GenerationEngine:
         max_tokens_in_flight: int = 8192,
         max_running: int = 64,
         prefill_chunk: int = 128,
+        prefill_tokens: int | None = None,
         max_prompt_tokens: int | None = None,
         observer: GenerationObserver | None = None,
     ) -> None:
         if store.kind != "generator":
             raise WrongRouteError("GenerationEngine needs a store of a causal LM (TaskStore.kind == 'generator').")
-        for name, value in (("max_tokens_in_flight", max_tokens_in_flight), ("max_running", max_running), ("prefill_chunk", prefill_chunk)):  # fmt: skip
+        prefill_tokens = 4 * prefill_chunk if prefill_tokens is None else prefill_tokens
+        for name, value in (("max_tokens_in_flight", max_tokens_in_flight), ("max_running", max_running), ("prefill_chunk", prefill_chunk), ("prefill_tokens", prefill_tokens)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
         config: Any = store.model.config.get_text_config()  # type: ignore[operator, union-attr]
@@ -112,6 +119,7 @@ class GenerationEngine:
         self.max_tokens_in_flight = max_tokens_in_flight
         self.max_running = max_running
         self.prefill_chunk = prefill_chunk
+        self.prefill_tokens = prefill_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.observer = observer
         heads = config.num_attention_heads
@@ -191,7 +199,7 @@ class GenerationEngine:
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}.")
         if task != BASE:
             self.store.task(task)  # lock-free; raises UnknownTaskError
-        _check_prompt(prompt)
+        check_prompt(prompt)
         handle = GenerationHandle(self._cancel)
         with self._cond:
             self._inbox.append((task, prompt, params, handle, time.perf_counter()))
@@ -244,7 +252,7 @@ class GenerationEngine:
         if handle.cancelled:
             return handle._publish(error=DrainingError("The request was cancelled."))
         try:
-            ids = self._tokenize(prompt)
+            ids = prompt_ids(self.store.tokenizer, prompt, self.store.base_name)
             need = len(ids) + params.max_tokens
             if len(ids) > self.max_prompt_tokens:
                 raise TooLongError(f"The prompt is {len(ids)} tokens, more than this server's limit of {self.max_prompt_tokens}: shorten it.")  # fmt: skip
@@ -270,63 +278,77 @@ class GenerationEngine:
         left = [r.params.max_tokens - len(r.out) + len(r.prompt) - r.prefilled for r in self._running]
         return float(min(max(1.0, min(left, default=1) * self._step_s), 60.0))
 
-    def _tokenize(self, prompt: Prompt) -> list[int]:
-        tokenizer = self.store.tokenizer
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise BadInputError("The prompt is empty: send a non-empty prompt.")
-            return list(tokenizer(prompt)["input_ids"])
-        if not getattr(tokenizer, "chat_template", None):
-            raise BadInputError(f"The base {self.store.base_name!r} has no chat template: send a text prompt (/v1/completions) instead of messages.")  # fmt: skip
-        try:
-            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # a template that refuses these messages (e.g. roles out of order)
-            raise BadInputError(f"The chat template cannot render these messages: {exc}") from exc
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
     # ------------------------------------------------------------------ one step
     def _step(self) -> None:
         start = time.perf_counter()
-        decode = [r for r in self._running if r.prefilled == len(r.prompt)]
-        prefill = next((r for r in self._running if r.prefilled < len(r.prompt)), None)
         chunk = 0
         with self.store.lock.read():
             info = self.store._info
-            gone = [r for r in self._running if r.task != BASE and r.task not in info]
-            for row in gone:
+            for row in [r for r in self._running if r.task != BASE and r.task not in info]:
                 self._finish(row, error=UnknownTaskError(row.task, sorted(info), " (unloaded while generating)"))
-            decode = [r for r in decode if r not in gone]
-            logits = None
+            decode = [r for r in self._running if r.prefilled == len(r.prompt)]
+            prefill = self._prefill_batch()
+            logits = last = torch.zeros(0)
             if decode:
-                positions = [len(r.prompt) + len(r.out) - 1 for r in decode]
-                logits = self._forward(decode, [[r.out[-1]] for r in decode], positions)
-            last = None
-            if prefill is not None and prefill not in gone:
-                begin = prefill.prefilled
-                chunk = min(self.prefill_chunk, len(prefill.prompt) - begin)
-                last = self._forward([prefill], [prefill.prompt[begin : begin + chunk]], [begin])
-                prefill.prefilled += chunk
+                decode, logits = self._decode(decode)
+            if prefill:
+                last = self._prefill(prefill)
         for i, row in enumerate(decode):
-            assert logits is not None
             self._advance(row, logits[i])
-        if last is not None and prefill is not None and prefill.prefilled == len(prefill.prompt):
-            self._advance(prefill, last[0])
+        for i, (row, n) in enumerate(prefill):
+            row.prefilled += n
+            chunk += n
+            if row.prefilled == len(row.prompt):
+                self._advance(row, last[i])
         seconds = time.perf_counter() - start
         self._step_s = 0.9 * self._step_s + 0.1 * seconds
-        self._observe("step", rows=len(decode), tasks=len({r.task for r in decode}), prefill_tokens=chunk, seconds=seconds)  # fmt: skip
+        self._observe("step", rows=len(decode), tasks=len({r.task for r in decode}), prefill_tokens=chunk, prefill_rows=len(prefill), seconds=seconds)  # fmt: skip
 
-    def _forward(self, rows: list[_Row], tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """One forward of `rows`, each with its new `tokens` (as many per row) from its position in `starts`;
-        the `(rows, vocab)` logits of each row's last token."""
+    def _prefill_batch(self) -> list[tuple[_Row, int]]:
+        """The rows still prefilling that this step takes, in arrival order, each with its chunk: at most
+        `prefill_chunk` tokens per row and `prefill_tokens` per step (counted padded: rows x longest chunk)."""
+        batch: list[tuple[_Row, int]] = []
+        width = 0
+        for row in self._running:
+            left = len(row.prompt) - row.prefilled
+            if not left:
+                continue
+            n = min(self.prefill_chunk, left)
+            if batch and max(width, n) * (len(batch) + 1) > self.prefill_tokens:
+                break
+            batch.append((row, n))
+            width = max(width, n)
+        return batch
+
+    def _decode(self, rows: list[_Row]) -> tuple[list[_Row], torch.Tensor]:
+        """One decode forward of `rows` (their last token each), through the cache's decode view; the rows in
+        the view's order and their `(rows, vocab)` logits."""
         assert self._cache is not None
-        new = len(tokens[0])
-        length = max(starts) + new
-        write = torch.cat([r.slots[s : s + new] for r, s in zip(rows, starts, strict=True)])
-        read = torch.stack([_padded(r.slots, s + new, length) for r, s in zip(rows, starts, strict=True)])
-        self._cache.plan(write, read)
+        positions = [len(r.prompt) + len(r.out) - 1 for r in rows]
+        order, length = self._cache.plan_decode([r.key for r in rows], [r.slots for r in rows], positions)
+        rows, positions = [rows[i] for i in order], [positions[i] for i in order]
+        return rows, self._forward(rows, [[r.out[-1]] for r in rows], positions, length)
+
+    def _prefill(self, batch: list[tuple[_Row, int]]) -> torch.Tensor:
+        """One forward of the next chunk of each row of `batch`, left-padded to the longest chunk (padding writes
+        to the cache's spare slot and is hidden from every real token); the logits of each row's last token."""
+        assert self._cache is not None
+        width = max(n for _, n in batch)
+        length = max(r.prefilled + n for r, n in batch)
+        spare = torch.tensor([self._cache.capacity])
+        write = torch.cat([torch.cat([spare.expand(width - n), r.slots[r.prefilled : r.prefilled + n]]) for r, n in batch])  # fmt: skip
+        self._cache.plan(write, torch.stack([_padded(r.slots, r.prefilled + n, length) for r, n in batch]))
+        tokens = [[0] * (width - n) + r.prompt[r.prefilled : r.prefilled + n] for r, n in batch]
+        return self._forward([r for r, _ in batch], tokens, [r.prefilled + n - width for r, n in batch], length)
+
+    def _forward(self, rows: list[_Row], tokens: list[list[int]], firsts: list[int], length: int) -> torch.Tensor:
+        """One forward of `rows`, each with as many new `tokens` from position `firsts[i]` (negative for left
+        padding) over `length` keys, as the cache was planned; the `(rows, vocab)` logits of each last token."""
+        assert self._cache is not None
         device = self._cache.keys[0].device
-        mask = attention_mask(starts, new, length, self._cache.keys[0].dtype, device)
-        positions = (torch.tensor(starts).view(-1, 1) + torch.arange(new)).to(device)
+        new = len(tokens[0])
+        mask = attention_mask(firsts, new, length, self._cache.keys[0].dtype, device)
+        positions = (torch.tensor(firsts).view(-1, 1) + torch.arange(new)).clamp_(min=0).to(device)
         ids = torch.tensor(tokens, device=device)
         with torch.inference_mode(), mixed_batch(MixedBatch([r.task for r in rows], self.store.routing)):
             out = self.store.model(  # type: ignore[operator]
@@ -376,20 +398,3 @@ class GenerationEngine:
                 self.observer.on_generation(event, data)
             except Exception:  # metrics must never stop generation
                 logger.exception("generation observer failed on %s", event)
-
-
-def _padded(slots: torch.Tensor, used: int, length: int) -> torch.Tensor:
-    """The first `used` slots of a row, padded to `length` with its first slot (hidden by the mask)."""
-    if used == length:
-        return slots[:used]
-    return torch.cat([slots[:used], slots[:1].expand(length - used)])
-
-
-def _check_prompt(prompt: Prompt) -> None:
-    if isinstance(prompt, str):
-        return
-    if not isinstance(prompt, list) or not prompt:
-        raise BadInputError(f"prompt must be a text or a non-empty list of chat messages, got {type(prompt).__name__}.")  # fmt: skip
-    for message in prompt:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):  # fmt: skip
-            raise BadInputError(f'Each chat message must be {{"role": str, "content": str}}, got {message!r}.')

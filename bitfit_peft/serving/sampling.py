@@ -1,5 +1,6 @@
-"""Per-request generation settings and text: `SamplingParams`, `Completion`, the next-token choice of one row, and
-`TextTracker`, which turns a row's token ids into final text (stop strings, incremental deltas for streaming).
+"""Per-request generation settings and text: `SamplingParams`, `Completion`, a prompt's token ids (text or chat
+messages), the next-token choice of one row, and `TextTracker`, which turns a row's token ids into final text (stop
+strings, incremental deltas for streaming).
 
 Sampling follows OpenAI's semantics: `temperature=0` is greedy (the argmax, as `generate(do_sample=False)`), any
 other temperature scales the logits, `top_p` keeps the smallest set of tokens whose probability reaches `top_p`,
@@ -11,10 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["Completion", "SamplingParams", "TextTracker", "choose"]
+from .errors import BadInputError
+
+__all__ = ["Completion", "Prompt", "SamplingParams", "TextTracker", "check_prompt", "choose", "prompt_ids"]
+Prompt = str | list[dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,33 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     token_ids: tuple[int, ...] = ()
+
+
+def check_prompt(prompt: Prompt) -> None:
+    """Refuse a prompt that is neither a text nor a list of `{"role": str, "content": str}` messages."""
+    if isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list) or not prompt:
+        raise BadInputError(f"prompt must be a text or a non-empty list of chat messages, got {type(prompt).__name__}.")  # fmt: skip
+    for message in prompt:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):  # fmt: skip
+            raise BadInputError(f'Each chat message must be {{"role": str, "content": str}}, got {message!r}.')
+
+
+def prompt_ids(tokenizer: Any, prompt: Prompt, base_name: str) -> list[int]:
+    """The token ids of a text prompt, or of chat messages rendered by the tokenizer's chat template (with the
+    generation prompt); `BadInputError` for an empty text, a base without a template, or messages it refuses."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise BadInputError("The prompt is empty: send a non-empty prompt.")
+        return list(tokenizer(prompt)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadInputError(f"The base {base_name!r} has no chat template: send a text prompt (/v1/completions) instead of messages.")  # fmt: skip
+    try:
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # a template that refuses these messages (e.g. roles out of order)
+        raise BadInputError(f"The chat template cannot render these messages: {exc}") from exc
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
