@@ -182,15 +182,13 @@ def _lean_lm_forward(lm: Any, original: Any, chunk_size: int) -> Any:  # Any: as
                 "enable_lean_training shifts the labels itself; got shift_labels=. Pass labels only, or call "
                 "disable_lean_training(model) to use shift_labels."
             )
-        outputs = lm.model(**{k: v for k, v in kwargs.items() if k != "ignore_index"})
+        as_tuple = kwargs.pop("return_dict", None) is False
+        outputs = lm.model(**{k: v for k, v in kwargs.items() if k != "ignore_index"}, return_dict=True)
         loss = chunked_causal_lm_loss(lm.lm_head, outputs.last_hidden_state, labels, chunk_size=chunk_size, **loss_kw)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=None,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        # The decoder's other outputs (its cache, hidden states, attentions) under the names both outputs share.
+        rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
+        out = CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+        return out.to_tuple() if as_tuple else out
 
     return forward
 

@@ -144,6 +144,8 @@ def test_other_calls_unchanged_and_disable() -> None:
         eval_logits = model(**batch).logits
     enable_lean_training(model, chunk_size=CHUNK)
     assert model(**batch).logits is None  # the training call: loss only
+    loss = model(**batch).loss
+    assert torch.equal(model(**batch, return_dict=False)[0], loss)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, eval_logits)  # no gradients: the model's own forward
     assert torch.equal(model(**inputs).logits, eval_logits)  # no labels: the model's own forward
