@@ -8,7 +8,9 @@ profiler with memory tracking, whose allocation events give the allocator's peak
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import multiprocessing
 import weakref
 from concurrent.futures import ProcessPoolExecutor
@@ -334,3 +336,61 @@ def _decoder_targets(probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         name = f"{p['variant']} saved / LoRA r=8 q,v, {p['batch']}×{p['seq']}, checkpointing {ck}"
         out.append(target(name, ratio, 1.0 if p["checkpointing"] else 0.8))
     return out
+
+
+def saved_only(seqs: tuple[int, ...], batch: int = 2, quick: bool = False) -> list[dict[str, Any]]:
+    """The decoder table's saved-for-backward bytes alone (one forward per row, no training step), in this process:
+    the exact, stable column of the table in minutes where the full table takes an hour on a busy 2-core machine."""
+    settings = Settings.for_mode(quick)
+    base = MODELS["smollm2"](settings)
+    out = []
+    for seq in seqs:
+        for checkpointing in (False, True):
+            for label, (kind, kw) in DECODER_VARIANTS.items():
+                kw = dict(kw)
+                lean = kw.pop("lean", False)
+                model = make_variant(kind, "smollm2", base, **kw)
+                if lean:
+                    from bitfit_peft.lean import enable_lean_training
+
+                    enable_lean_training(model)
+                if checkpointing:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                saved = _saved_activation_bytes(model.train(), make_batch(model, batch, seq))
+                out.append({
+                    "variant": label, "batch": batch, "seq": seq, "checkpointing": checkpointing,
+                    "saved_by_kind": saved, "saved_activation_bytes": sum(saved.values()),
+                })  # fmt: skip
+                print(json.dumps(out[-1]), flush=True)
+                del model
+                gc.collect()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m benchmarks.case_memory`: the decoder table's rows one at a time, each printed as a JSON line as it
+    finishes (a run cut short keeps what it measured). `--saved-only`: saved-for-backward bytes only, one process."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.case_memory", description=main.__doc__)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[128, 256], help="sequence lengths (batch 2)")
+    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
+    parser.add_argument("--variants", nargs="+", default=list(DECODER_VARIANTS), choices=list(DECODER_VARIANTS))
+    parser.add_argument("--saved-only", action="store_true", help="saved-for-backward bytes only (minutes)")
+    parser.add_argument("--quick", action="store_true", help="the tiny Llama instead of SmolLM2")
+    args = parser.parse_args(argv)
+    if args.saved_only:
+        saved_only(tuple(args.seqs), quick=args.quick)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    for seq in args.seqs:
+        for checkpointing in {"off": (False,), "on": (True,), "both": (False, True)}[args.checkpointing]:
+            for label in args.variants:
+                kind, kw = DECODER_VARIANTS[label]
+                with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                    a = ("smollm2", 2, seq, kind, args.quick, torch.get_num_threads(), checkpointing, kw)
+                    fig = pool.submit(probe, *a).result()
+                fig.update(variant=label, batch=2, seq=seq, checkpointing=checkpointing)
+                print(json.dumps(fig), flush=True)
+
+
+if __name__ == "__main__":
+    main()
