@@ -28,7 +28,7 @@ from torch import nn
 # `down_proj(act_fn(gate_proj(x)) * up_proj(x))`. Others are refused by name rather than patched on a guess.
 CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
-DEFAULT_CHUNK = 1024  # tokens per chunk of the loss: 1024 x a 49k-128k vocabulary is 0.2-0.5 GB of float32 logits
+DEFAULT_CHUNK = 256  # tokens per chunk: the loss peaks at ~3 chunk x vocabulary float32 tensors (256 x 49k: 48 MiB)
 _PATCHED = "_bitfit_lean"
 
 
