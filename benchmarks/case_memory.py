@@ -337,7 +337,8 @@ def _decoder_targets(probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ratio = {"median": r, "min": r, "max": r}
         ck = "on" if p["checkpointing"] else "off"
         name = f"{p['variant']} saved / LoRA r=8 q,v, {p['batch']}×{p['seq']}, checkpointing {ck}"
-        out.append(target(name, ratio, 1.0 if p["checkpointing"] else 0.8))
+        why = "the bias op keeps nothing; the frozen path both keep dominates (see the lean row)"
+        out.append(target(name, ratio, 1.0 if p["checkpointing"] else 0.8, why))
     return out
 
 
