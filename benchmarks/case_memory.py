@@ -8,8 +8,11 @@ profiler with memory tracking, whose allocation events give the allocator's peak
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import multiprocessing
+import weakref
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -24,6 +27,7 @@ from .common import (
     make_batch,
     make_variant,
     rss_bytes,
+    target,
     tensor_bytes,
     train_step_fn,
     trainable,
@@ -63,20 +67,79 @@ def _allocator_peak(step: Any) -> int:
     return peak
 
 
-def _saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """Bytes autograd keeps for the backward pass (distinct storages saved by one forward)."""
-    seen: dict[int, int] = {}
+SAVED_KINDS = ("attention", "MLP", "norms", "logits + loss", "LoRA branch", "embeddings", "other")
+
+
+def _module_kinds(model: torch.nn.Module) -> dict[int, str]:
+    """id(module) -> the kind its saved tensors count as; modules not listed inherit their parent's kind."""
+    kinds: dict[int, str] = {}
+    for module in model.modules():
+        name = type(module).__name__
+        if hasattr(module, "lm_head"):  # the causal LM itself: its own ops are the loss
+            kinds[id(module)] = "logits + loss"
+            kinds[id(module.lm_head)] = "logits + loss"
+        elif name.endswith("Attention"):
+            kinds[id(module)] = "attention"
+        elif name.endswith("MLP"):
+            kinds[id(module)] = "MLP"
+        elif "Norm" in name:
+            kinds[id(module)] = "norms"
+        elif isinstance(module, torch.nn.Embedding):
+            kinds[id(module)] = "embeddings"
+        for branch in ("lora_A", "lora_B"):  # peft LoRA layers: their adapters' own inputs
+            for sub in (
+                getattr(module, branch, {}).values()
+                if isinstance(getattr(module, branch, None), torch.nn.ModuleDict)
+                else ()
+            ):
+                kinds[id(sub)] = "LoRA branch"
+    return kinds
+
+
+def _saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Bytes autograd keeps for the backward pass, by kind of module that saved them: distinct storages saved by one
+    forward and still held when it returns (a custom Function may run autograd inside its forward and free what that
+    saved), each counted once, for the first module that saved it. Storages of the model's own parameters and buffers
+    are left out: a frozen weight saved for `dx = dy W` is a reference to memory the model holds anyway."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    kinds = _module_kinds(model)
+    stack: list[str] = []
+    seen: dict[int, tuple[str, int, list[weakref.ref[torch.Tensor]]]] = {}
+
+    def enter(module: torch.nn.Module, *_: Any) -> None:
+        # A module without a kind inherits its parent's, except under the causal LM itself, whose own ops are the loss
+        # but whose decoder (residual adds, the layer inputs checkpointing keeps) is "other".
+        parent = stack[-1] if stack and stack[-1] != "logits + loss" else "other"
+        stack.append(kinds.get(id(module), parent))
+
+    def leave(module: torch.nn.Module, *_: Any) -> None:
+        stack.pop()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.device.type == "cpu" and not isinstance(t, torch.nn.Parameter):
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if t.device.type != "cpu" or ptr in own:
+            return t
+        entry = seen.get(ptr)
+        if entry is None or not any(r() is not None for r in entry[2]):  # new, or a freed storage's address reused
+            seen[ptr] = entry = (stack[-1] if stack else "other", t.untyped_storage().nbytes(), [])
+        entry[2].append(weakref.ref(t))
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_of(model, batch)
-    del loss
-    return sum(seen.values())
+    hooks = [m.register_forward_pre_hook(enter) for m in model.modules()]
+    hooks += [m.register_forward_hook(leave, always_call=True) for m in model.modules()]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_of(model, batch)
+        gc.collect()
+        out = dict.fromkeys(SAVED_KINDS, 0)
+        for kind, nbytes, refs in seen.values():
+            if any(r() is not None for r in refs):
+                out[kind] += nbytes
+        del loss
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
 
 
 # The decoder table (SmolLM2-135M-Instruct): label -> (make_variant kind, its kwargs).
@@ -85,6 +148,11 @@ DECODER_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "bitfit all biases": ("bitfit", {"add_missing_bias": True}),
     "lora r=8 q,v": ("lora", {}),
     "full": ("full", {}),
+    "bitfit b_q+b_m2, lean": (
+        "bitfit",
+        {"bias_terms": ["query", "intermediate"], "add_missing_bias": True, "lean": True},
+    ),
+    "lora r=8 q,v, lean": ("lora", {"lean": True}),
 }
 
 
@@ -102,7 +170,13 @@ def probe(
     torch.set_num_threads(threads)
     settings = Settings.for_mode(quick)
     base = MODELS[model_name](settings)
-    model = make_variant(kind, model_name, base, **(variant_kw or {}))
+    kw = dict(variant_kw or {})
+    lean = kw.pop("lean", False)
+    model = make_variant(kind, model_name, base, **kw)
+    if lean:  # bitfit_peft.lean: chunked loss without the logits, gated MLP without silu(gate)
+        from bitfit_peft.lean import enable_lean_training
+
+        enable_lean_training(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     del base
@@ -128,7 +202,8 @@ def probe(
         "optimizer_state_bytes": tensor_bytes(
             v for state in opt.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0
         ),
-        "saved_activation_bytes": _saved_activation_bytes(model, data),
+        "saved_by_kind": (saved := _saved_activation_bytes(model, data)),
+        "saved_activation_bytes": sum(saved.values()),
         "allocator_peak_step": _allocator_peak(step),
     }
     return out
@@ -178,9 +253,9 @@ def run(settings: Settings) -> dict[str, Any]:
         "probes": data,
         "skipped": skipped,
         "tables": [{"title": "One training step per fresh process", "columns": columns, "rows": rows}]
-        + ([decoder["table"]] if decoder else []),
+        + (decoder["tables"] if decoder else []),
         "decoder_probes": decoder["probes"] if decoder else [],
-        "targets": [],
+        "targets": decoder["targets"] if decoder else [],
         "notes": [
             "peak − built = the step's own RSS cost (activations, gradients, optimizer state, allocator slack).",
             "allocator peak = highest running total of torch CPU allocations during one steady-state step "
@@ -227,4 +302,102 @@ def _decoder_table(settings: Settings, ctx: Any) -> dict[str, Any]:
         "peak RSS − built", "grads", "AdamW state",
     ]  # fmt: skip
     title = "SmolLM2-135M-Instruct: memory of one training step" + (" (quick: tiny Llama)" if settings.quick else "")
-    return {"probes": probes, "table": {"title": title, "columns": columns, "rows": rows}}
+    kinds = [k for k in SAVED_KINDS if any(p["saved_by_kind"][k] for p in probes)]
+    by_kind = [
+        [f"{p['batch']}×{p['seq']}", p["variant"], *(fmt_bytes(p["saved_by_kind"][k]) for k in kinds),
+         fmt_bytes(p["saved_activation_bytes"])]
+        for p in probes if not p["checkpointing"]
+    ]  # fmt: skip
+    return {
+        "probes": probes,
+        "tables": [
+            {"title": title, "columns": columns, "rows": rows},
+            {
+                "title": "Saved for backward by kind of module, checkpointing off"
+                + (" (quick)" if settings.quick else ""),
+                "columns": ["batch×seq", "variant", *kinds, "total"],
+                "rows": by_kind,
+            },
+        ],
+        "targets": _decoder_targets(probes),
+    }
+
+
+def _decoder_targets(probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 18's goals on saved-for-backward bytes: BitFit <= LoRA r=8 everywhere, <= 0.8x without checkpointing."""
+    lora = {
+        (p["seq"], p["checkpointing"]): p["saved_activation_bytes"] for p in probes if p["variant"] == "lora r=8 q,v"
+    }
+    out = []
+    for p in probes:
+        if not p["variant"].startswith("bitfit"):
+            continue
+        where = (p["seq"], p["checkpointing"])
+        r = p["saved_activation_bytes"] / lora[where]
+        ratio = {"median": r, "min": r, "max": r}
+        ck = "on" if p["checkpointing"] else "off"
+        name = f"{p['variant']} saved / LoRA r=8 q,v, {p['batch']}×{p['seq']}, checkpointing {ck}"
+        why = "the bias op keeps nothing; the frozen path both keep dominates (see the lean row)"
+        out.append(target(name, ratio, 1.0 if p["checkpointing"] else 0.8, why))
+    return out
+
+
+def saved_only(
+    seqs: tuple[int, ...], checkpointing: tuple[bool, ...] = (False, True), batch: int = 2, quick: bool = False
+) -> list[dict[str, Any]]:
+    """The decoder table's saved-for-backward bytes alone (one forward per row, no training step), in this process:
+    the exact, stable column of the table in minutes where the full table takes an hour on a busy 2-core machine."""
+    settings = Settings.for_mode(quick)
+    base = MODELS["smollm2"](settings)
+    out = []
+    for seq in seqs:
+        for ck in checkpointing:
+            for label, (kind, kw) in DECODER_VARIANTS.items():
+                kw = dict(kw)
+                lean = kw.pop("lean", False)
+                model = make_variant(kind, "smollm2", base, **kw)
+                if lean:
+                    from bitfit_peft.lean import enable_lean_training
+
+                    enable_lean_training(model)
+                if ck:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                saved = _saved_activation_bytes(model.train(), make_batch(model, batch, seq))
+                out.append({
+                    "variant": label, "batch": batch, "seq": seq, "checkpointing": ck,
+                    "saved_by_kind": saved, "saved_activation_bytes": sum(saved.values()),
+                })  # fmt: skip
+                print(json.dumps(out[-1]), flush=True)
+                del model
+                gc.collect()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m benchmarks.case_memory`: the decoder table's rows one at a time, each printed as a JSON line as it
+    finishes (a run cut short keeps what it measured). `--saved-only`: saved-for-backward bytes only, one process."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.case_memory", description=main.__doc__)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[128, 256], help="sequence lengths (batch 2)")
+    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
+    parser.add_argument("--variants", nargs="+", default=list(DECODER_VARIANTS), choices=list(DECODER_VARIANTS))
+    parser.add_argument("--saved-only", action="store_true", help="saved-for-backward bytes only (minutes)")
+    parser.add_argument("--quick", action="store_true", help="the tiny Llama instead of SmolLM2")
+    args = parser.parse_args(argv)
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.checkpointing]
+    if args.saved_only:
+        saved_only(tuple(args.seqs), modes, quick=args.quick)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    for seq in args.seqs:
+        for checkpointing in modes:
+            for label in args.variants:
+                kind, kw = DECODER_VARIANTS[label]
+                with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                    a = ("smollm2", 2, seq, kind, args.quick, torch.get_num_threads(), checkpointing, kw)
+                    fig = pool.submit(probe, *a).result()
+                fig.update(variant=label, batch=2, seq=seq, checkpointing=checkpointing)
+                print(json.dumps(fig), flush=True)
+
+
+if __name__ == "__main__":
+    main()

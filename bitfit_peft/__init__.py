@@ -16,6 +16,7 @@ from .constants import BASE, BIAS_TERMS
 from .files import check_adapter_file
 from .heads import MeanPooledSequenceClassifier, MeanPoolingHead, uses_mean_pooling
 from .layer import BitFitLayer
+from .lean import disable_lean_training, enable_lean_training
 from .loading import hotswap_adapter
 from .model import BitFitModel
 from .registration import BitFitPeftType, register
@@ -40,6 +41,8 @@ __all__ = [
     "BitFitPeftType",
     "check_adapter_file",
     "classify_module",
+    "disable_lean_training",
+    "enable_lean_training",
     "hotswap_adapter",
     "register",
 ]
