@@ -12,7 +12,7 @@ from peft import get_peft_model
 from serving_helpers import save_adapter, save_base
 
 from bitfit_peft import BitFitConfig
-from bitfit_peft.routing import MixedBatch, Routing, route_heads
+from bitfit_peft.routing import MixedBatch, Routing, check_names, route_heads
 from bitfit_peft.serving import TaskStore
 from bitfit_peft.tables import LayerTable
 
@@ -58,6 +58,69 @@ def test_route_heads_pads_only_when_asked() -> None:
         assert torch.equal(out[2, :2], base(x[2:3])[0])
         with pytest.raises(RuntimeError):
             route_heads(mixed, heads, base, x)  # without pad, widths must agree
+
+
+def test_route_heads_pads_token_level_heads_and_routes_extra_arguments() -> None:
+    """Heads of a token-classification shape (rows, tokens, labels) pad on the label axis; extra positional and
+    keyword tensors with a row per example are split with the rows, anything else is passed as it is."""
+
+    class Head(torch.nn.Module):
+        def __init__(self, labels: int) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(3, labels)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor, scale: float) -> torch.Tensor:
+            return self.proj(x) * mask[..., None] * scale + bias[:, None, :1]
+
+    routing = Routing(slots={"a": 1, "b": 2})
+    mixed = MixedBatch(["a", "b", "__base__", "a"], routing)
+    heads = {"a": Head(2), "b": Head(4)}
+    base = Head(2)
+    x, mask, bias = torch.randn(4, 5, 3), torch.rand(4, 5), torch.randn(4, 1)
+    with torch.no_grad():
+        out = route_heads(mixed, heads, base, x, (mask,), {"bias": bias, "scale": 2.0}, pad=True)
+        assert out.shape == (4, 5, 4) and not out[[0, 2, 3], :, 2:].any()
+        for i, head in zip(range(4), (heads["a"], heads["b"], base, heads["a"]), strict=True):
+            alone = head(x[i : i + 1], mask[i : i + 1], bias=bias[i : i + 1], scale=2.0)[0]
+            assert torch.equal(out[i, :, : alone.shape[-1]], alone)
+
+
+def test_route_heads_refuses_a_head_that_returns_no_tensor() -> None:
+    class PairHead(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x, x
+
+    mixed = MixedBatch(["a", "__base__"], Routing(slots={"a": 1}))
+    with pytest.raises(TypeError, match="PairHead returned tuple. Group the batch by task"):
+        route_heads(mixed, {"a": PairHead()}, PairHead(), torch.ones(2, 3))
+
+
+def test_mixed_batch_rows_per_example_beams_and_flattened_tokens() -> None:
+    """Rows are batch-major: each example's beams, and (for layers that flatten them, `rows_for`) its tokens; a
+    task head (`names_for`) never sees flattened tokens."""
+    mixed = MixedBatch(["a", "__base__"], Routing(slots={"a": 1}), beams=2, tokens=3)
+    assert mixed.rows_for(2 * 2 * 3, CPU).tolist() == [1] * 6 + [0] * 6
+    assert mixed.rows_for(2 * 3, CPU).tolist() == [1] * 3 + [0] * 3
+    assert mixed.rows_for(4, CPU) is mixed.rows_for(4, CPU)  # computed once per call and shape
+    assert mixed.names_for(4) == ["a", "a", "__base__", "__base__"]
+    with pytest.raises(
+        ValueError, match="2 entries but a layer received a batch of 6 rows. Pass one adapter name per"
+    ):
+        mixed.names_for(6)
+    with pytest.raises(ValueError, match="name per example, with the batch in dimension 0 of the inputs"):
+        mixed.rows_for(5, CPU)
+
+
+def test_check_names_lists_at_most_ten_resident_adapters() -> None:
+    with pytest.raises(TypeError, match="got str"):
+        check_names("a", {"a": 1})
+    for resident, listed in ((10, ""), (11, " ..."), (12, " ...")):
+        known = {f"t{i:02d}": i for i in range(resident)}
+        with pytest.raises(ValueError) as info:
+            check_names(["t00", "nope"], known)
+        shown = str([f"t{i:02d}" for i in range(10)])
+        assert f"Resident adapters ({resident}): {shown}{listed}; use" in str(info.value)
+    assert check_names(("t00", "__base__"), {"t00": 0}) == ["t00", "__base__"]
 
 
 def test_the_router_and_the_store_build_the_same_table_type(tmp_path: Path) -> None:
