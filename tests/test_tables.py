@@ -14,7 +14,9 @@ from serving_helpers import save_adapter, save_base
 from bitfit_peft import BitFitConfig
 from bitfit_peft.routing import MixedBatch, Routing, check_names, route_heads
 from bitfit_peft.serving import TaskStore
-from bitfit_peft.tables import LayerTable
+from bitfit_peft.serving.model import wrap_layers
+from bitfit_peft.serving.tables import Tables
+from bitfit_peft.tables import GROWTH, LayerTable
 
 CPU = torch.device("cpu")
 
@@ -135,3 +137,37 @@ def test_the_router_and_the_store_build_the_same_table_type(tmp_path: Path) -> N
     save_adapter(base, tmp_path / "adapters" / "t", num_labels=2, seed=0)
     store = TaskStore.open(str(base), str(tmp_path / "adapters"))
     assert store.routing.tables and all(type(t) is LayerTable for t in store.routing.tables.values())
+
+
+def test_serving_tables_number_slots_reuse_freed_ones_and_grow_every_lookup() -> None:
+    """The store's `Tables`: one slot per task on every layer, slot numbers reused after a remove, every layer's
+    lookup grown when the slots run out, and a replacement that no longer touches a layer leaves no row there."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
+    layers = wrap_layers(model, ["0", "1"])
+    routing = Routing(slots={})
+    tables = Tables(layers, routing, torch.float64, capacity=0)
+    assert tables.capacity == 1
+
+    def rows(key: str, slots: list[int]) -> list[list[float]]:
+        return routing.tables[layers[key]].gather(torch.tensor(slots)).tolist()
+
+    tables.put("a", {"0": torch.full((3,), 1.0), "1": torch.full((2,), 2.0)})
+    tables.put("b", {"0": torch.full((3,), 3.0), "1": torch.full((2,), 7.0)})  # slot 2 > capacity 1: lookups grow
+    assert routing.slots == {"a": 1, "b": 2} and tables.capacity == max(2, int(1 * GROWTH) + 1)
+    assert all(t.table.dtype == torch.float64 for t in routing.tables.values())
+    assert rows("0", [0, 1, 2]) == [[0] * 3, [1] * 3, [3] * 3] and rows("1", [0, 1, 2]) == [[0] * 2, [2] * 2, [7] * 2]
+    tables.put("a", {"0": torch.full((3,), 4.0)})  # a replacement that no longer touches layer 1
+    assert routing.slots["a"] == 1 and rows("0", [1]) == [[4] * 3] and rows("1", [1, 2]) == [[0] * 2, [7] * 2]
+    assert "a" not in routing.tables[layers["1"]].rows
+    tables.remove("a")
+    assert routing.slots == {"b": 2} and rows("0", [1, 2]) == [[0] * 3, [3] * 3]
+    tables.put("c", {"1": torch.full((2,), 5.0)})  # takes the freed slot 1 (and the freed row 1 of layer 1)
+    tables.put("d", {"1": torch.full((2,), 6.0)})  # then a new slot, 3, in row 3 of layer 1
+    assert routing.slots == {"b": 2, "c": 1, "d": 3} and rows("1", [1, 2, 3]) == [[5] * 2, [7] * 2, [6] * 2]
+    assert tables.nbytes() == sum(entry.nbytes() for entry in routing.tables.values()) > 0
+
+    big = Tables(layers, Routing(slots={}), torch.float32, capacity=8)
+    for i in range(9):  # the ninth slot grows the capacity by a quarter, plus one
+        big.put(f"t{i}", {"0": torch.full((3,), float(i))})
+    assert big.capacity == int(8 * GROWTH) + 1 == 11
+    assert big.routing.tables[layers["0"]].lookup.shape[0] == 12  # type: ignore[union-attr]
