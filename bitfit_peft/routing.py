@@ -80,7 +80,6 @@ class RWLock:
         self._cond = threading.Condition(threading.Lock())
         self._readers = 0
         self._writer: int | None = None  # thread ident of the writer
-        self._write_depth = 0
         self._waiting_writers = 0
         self._local = threading.local()
 
@@ -126,12 +125,8 @@ class RWLock:
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
         me = threading.get_ident()
-        if self._writer == me:
-            self._write_depth += 1
-            try:
-                yield
-            finally:
-                self._write_depth -= 1
+        if self._writer == me:  # re-entrant: the outer `write` releases
+            yield
             return
         if self._read_depth():
             raise RuntimeError(
@@ -197,11 +192,7 @@ class MixedBatch:
     routing: Routing
     beams: int = 1
     tokens: int | None = None
-    unique: tuple[str, ...] = ()
     _rows: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.unique = tuple(dict.fromkeys(n for n in self.names if n != BASE))
 
     def _repeat(self, batch: int, flattened: bool) -> int:
         """How many consecutive rows each example has in an input of `batch` rows. Rows are batch-major: each

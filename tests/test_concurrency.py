@@ -18,7 +18,7 @@ import transformers
 from peft import PeftModel, get_peft_model
 
 from bitfit_peft import BASE, BitFitConfig, hotswap_adapter
-from bitfit_peft.routing import RWLock
+from bitfit_peft.routing import InFlight, MixedBatch, Routing, RWLock, mixed_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -256,6 +256,35 @@ def test_adapter_change_inside_a_forward_call_is_refused() -> None:
     lock = RWLock()
     with lock.read(), pytest.raises(RuntimeError, match="change adapters between calls"), lock.write():
         pass
+
+
+def test_rwlock_holds_says_whether_this_thread_reads_or_writes() -> None:
+    """`holds()` lets a nested call in the same thread reuse its snapshot instead of deadlocking on a rebuild."""
+    lock = RWLock()
+    seen: list[bool] = []
+    other = threading.Thread(target=lambda: seen.append(lock.holds()))
+    with lock.read():
+        assert lock.holds()
+        other.start()
+        other.join(JOIN_TIMEOUT_S)
+    assert seen == [False] and not lock.holds()
+    with lock.write():
+        with lock.write():  # re-entrant: the inner exit must not release the outer hold
+            pass
+        assert lock.holds()
+    assert not lock.holds()
+
+
+def test_in_flight_counts_the_running_mixed_calls() -> None:
+    """Compiled layers read `InFlight.count` (not the context variable) to notice a mixed call, nested or not."""
+    before = InFlight.count
+    batch = MixedBatch(["a"], Routing(slots={"a": 1}))
+    with mixed_batch(batch):
+        assert InFlight.count == before + 1
+        with mixed_batch(batch):
+            assert InFlight.count == before + 2
+        assert InFlight.count == before + 1
+    assert InFlight.count == before
 
 
 def test_rwlock_new_readers_wait_behind_a_waiting_writer() -> None:
