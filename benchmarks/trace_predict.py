@@ -57,5 +57,7 @@ functions = sorted((f, q) for f, q in seen if f.startswith("serving/") and not q
 path = [(f, q) for f, q in functions if f not in BESIDE]
 for f, q in functions:
     print(f"{'path' if (f, q) in path else 'beside':7s}{f:28s} {q}")
-print(f"the path: {len(path)} functions in {len({f for f, _ in path})} files; "
-      f"beside it: {len(functions) - len(path)} in {len({f for f, _ in functions} - {f for f, _ in path})} files")
+print(
+    f"the path: {len(path)} functions in {len({f for f, _ in path})} files; "
+    f"beside it: {len(functions) - len(path)} in {len({f for f, _ in functions} - {f for f, _ in path})} files"
+)
