@@ -23,6 +23,7 @@ from bitfit_peft.constants import BASE
 from bitfit_peft.serving import TaskStore, UnknownTaskError
 from bitfit_peft.serving.engine import GenerationEngine, OverloadedError, SamplingParams
 from bitfit_peft.serving.errors import BadInputError, TooLongError
+from bitfit_peft.serving.model import SkinnyLinear
 from bitfit_peft.serving.sampling import TextTracker
 from tests.models import CASES_BY_NAME
 
@@ -142,6 +143,7 @@ def test_requests_joining_mid_flight_with_staggered_lengths(served: Served) -> N
     for job, h in zip(jobs, handles, strict=True):
         assert h.result(120).token_ids == served.reference(*job)
     assert {s["prefill_tokens"] for s in served.steps} >= {4}  # chunked prefill happened
+    assert any(s["fused"] and s["rows"] for s in served.steps)  # a joining prompt shared a decode step's forward
 
 
 def test_chunked_prefill_equals_unchunked(tmp_path: Path) -> None:
@@ -309,3 +311,33 @@ def test_many_threads_submitting_at_once(served: Served) -> None:
     assert len(results) == 18
     for task, prompt, n, out in results.values():
         assert out.token_ids == served.reference(task, prompt, n)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_skinny_head_equals_linear_for_every_row_count(bias: bool) -> None:
+    """`SkinnyLinear` (the served LM head: `weight @ x.T` for 1-16 rows on the CPU) gives `nn.Linear`'s outputs, in
+    its shape, for 1 to 20 rows in 2-D and 3-D, shares the weight it wraps (tied embeddings stay tied), and runs
+    `nn.Linear` itself when gradients are on."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 40, bias=bias)
+    head = SkinnyLinear.of(linear, 16)
+    assert head.weight is linear.weight and head.bias is linear.bias
+    assert set(head.state_dict()) == set(linear.state_dict())
+    with torch.inference_mode():
+        for shape in [(1, 24), (2, 24), (3, 24), (16, 24), (17, 24), (20, 24), (1, 1, 24), (3, 1, 24), (2, 5, 24)]:
+            x = torch.randn(shape)
+            out = head(x)
+            assert out.shape == (*shape[:-1], 40)
+            torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 24, requires_grad=True)
+    head(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_served_causal_lm_has_the_skinny_head_on_its_tied_embeddings(served: Served) -> None:
+    model: Any = served.store.model
+    head = model.get_output_embeddings()
+    head = getattr(head, "base_layer", head)  # an adapter with a bias on the head wraps it in a BitFitLayer
+    assert isinstance(head, SkinnyLinear)
+    if model.config.tie_word_embeddings:
+        assert head.weight is model.get_input_embeddings().weight

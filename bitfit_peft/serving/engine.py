@@ -289,9 +289,15 @@ class GenerationEngine:
             decode = [r for r in self._running if r.prefilled == len(r.prompt)]
             prefill = self._prefill_batch()
             logits = last = torch.zeros(0)
-            if decode:
-                decode, logits = self._decode(decode)
-            if prefill:
+            fused = bool(decode and prefill) and self._fuse(decode, prefill)
+            if fused:  # one pass over the weights for both
+                decode, positions = self._plan_decode(decode)
+                both = self._prefill(prefill, list(zip(decode, positions, strict=True)))
+                logits, last = both[: len(decode)], both[len(decode) :]
+            elif decode:
+                decode, positions = self._plan_decode(decode)
+                logits = self._forward(decode, [[r.out[-1]] for r in decode], positions, max(positions) + 1)
+            if prefill and not fused:
                 last = self._prefill(prefill)
         for i, row in enumerate(decode):
             self._advance(row, logits[i])
@@ -302,7 +308,7 @@ class GenerationEngine:
                 self._advance(row, last[i])
         seconds = time.perf_counter() - start
         self._step_s = 0.9 * self._step_s + 0.1 * seconds
-        self._observe("step", rows=len(decode), tasks=len({r.task for r in decode}), prefill_tokens=chunk, prefill_rows=len(prefill), seconds=seconds)  # fmt: skip
+        self._observe("step", rows=len(decode), tasks=len({r.task for r in decode}), prefill_tokens=chunk, prefill_rows=len(prefill), fused=fused, seconds=seconds)  # fmt: skip
 
     def _prefill_batch(self) -> list[tuple[_Row, int]]:
         """The rows still prefilling that this step takes, in arrival order, each with its chunk: at most
@@ -320,26 +326,39 @@ class GenerationEngine:
             width = max(width, n)
         return batch
 
-    def _decode(self, rows: list[_Row]) -> tuple[list[_Row], torch.Tensor]:
-        """One decode forward of `rows` (their last token each), through the cache's decode view; the rows in
-        the view's order and their `(rows, vocab)` logits."""
+    def _fuse(self, decode: list[_Row], prefill: list[tuple[_Row, int]]) -> bool:
+        """Whether this step's decode rows run in the prefill's forward, each left-padded to the chunk width (one
+        pass over the weights instead of two): when that padded forward stays within `prefill_tokens` and the
+        decode rows' keys/values, gathered from the slots for it, within 4x that (a short prompt joining a few
+        decoding rows; not a long chunk beside a big batch)."""
+        width = max(n for _, n in prefill)
+        longest = max(len(r.prompt) + len(r.out) for r in decode)
+        padded = (len(decode) + len(prefill)) * width
+        return padded <= self.prefill_tokens and len(decode) * longest <= 4 * self.prefill_tokens
+
+    def _plan_decode(self, rows: list[_Row]) -> tuple[list[_Row], list[int]]:
+        """Plan a decode of `rows` (their last token each) through the cache's decode view; the rows in the view's
+        order and the position of each one's new token."""
         assert self._cache is not None
         positions = [len(r.prompt) + len(r.out) - 1 for r in rows]
-        order, length = self._cache.plan_decode([r.key for r in rows], [r.slots for r in rows], positions)
-        rows, positions = [rows[i] for i in order], [positions[i] for i in order]
-        return rows, self._forward(rows, [[r.out[-1]] for r in rows], positions, length)
+        order, _ = self._cache.plan_decode([r.key for r in rows], [r.slots for r in rows], positions)
+        return [rows[i] for i in order], [positions[i] for i in order]
 
-    def _prefill(self, batch: list[tuple[_Row, int]]) -> torch.Tensor:
+    def _prefill(self, batch: list[tuple[_Row, int]], decode: list[tuple[_Row, int]] | None = None) -> torch.Tensor:
         """One forward of the next chunk of each row of `batch`, left-padded to the longest chunk (padding writes
-        to the cache's spare slot and is hidden from every real token); the logits of each row's last token."""
+        to the cache's spare slot and is hidden from every real token); the logits of each row's last token. With
+        `decode` (rows planned by `_plan_decode`, each with its new token's position), those rows come first, each
+        with its new token left-padded to the same width (a decode step fused with the prefill)."""
         assert self._cache is not None
         width = max(n for _, n in batch)
-        length = max(r.prefilled + n for r, n in batch)
+        parts = [(r, p, 1) for r, p in decode or []] + [(r, r.prefilled, n) for r, n in batch]
+        length = max(start + n for _, start, n in parts)
         spare = torch.tensor([self._cache.capacity])
-        write = torch.cat([torch.cat([spare.expand(width - n), r.slots[r.prefilled : r.prefilled + n]]) for r, n in batch])  # fmt: skip
-        self._cache.plan(write, torch.stack([_padded(r.slots, r.prefilled + n, length) for r, n in batch]))
-        tokens = [[0] * (width - n) + r.prompt[r.prefilled : r.prefilled + n] for r, n in batch]
-        return self._forward([r for r, _ in batch], tokens, [r.prefilled + n - width for r, n in batch], length)
+        write = torch.cat([torch.cat([spare.expand(width - n), r.slots[start : start + n]]) for r, start, n in parts])  # fmt: skip
+        read = torch.stack([_padded(r.slots, start + n, length) for r, start, n in parts])
+        self._cache.plan(write, read, view_writes=bool(decode))
+        tokens = [[0] * (width - n) + (r.prompt[start : start + n] if start < len(r.prompt) else r.out[-1:]) for r, start, n in parts]  # fmt: skip
+        return self._forward([r for r, _, _ in parts], tokens, [start + n - width for _, start, n in parts], length)
 
     def _forward(self, rows: list[_Row], tokens: list[list[int]], firsts: list[int], length: int) -> torch.Tensor:
         """One forward of `rows`, each with as many new `tokens` from position `firsts[i]` (negative for left

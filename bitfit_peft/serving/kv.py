@@ -92,7 +92,8 @@ class SlotCache(Cache):
         self._seen = 0
         self._view: list[torch.Tensor] = []  # per layer: keys then values, (rows_cap, kv_heads, length_cap, head_dim)
         self._view_rows: list[int] = []  # the key of each row of the view, in batch order
-        self._columns: torch.Tensor | None = None  # decode step: each row's new position, or None (a gather step)
+        self._columns: torch.Tensor | None = None  # each decode row's new position in the view, or None
+        self._gather = True  # this forward reads from the slots (`_flat`), not from the view
         self._batch = torch.zeros(0, dtype=torch.long)  # decode step: 0..rows-1
         self.gathers = 0  # rows gathered from the slots into the view (for tests and profiling)
         self.gathered_steps = 0  # decode steps that gathered every row from the slots (a batch too big to keep)
@@ -100,12 +101,16 @@ class SlotCache(Cache):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self._view))
 
-    def plan(self, write: torch.Tensor, read: torch.Tensor) -> None:
-        """The next forward writes to `write` and attends to `read` (see the class docstring)."""
+    def plan(self, write: torch.Tensor, read: torch.Tensor, view_writes: bool = False) -> None:
+        """The next forward writes to `write` and attends to `read` (see the class docstring). With
+        `view_writes`, its first rows are the decode rows just planned by `plan_decode`: the last new token of
+        each is also written into the decode view, which stays current (a decode step fused with a prefill)."""
         device = self.keys[0].device
         self._write, self._flat = write.to(device), read.reshape(-1).to(device)
         self._seen = read.shape[1]
-        self._columns = None
+        self._gather = True
+        if not view_writes:
+            self._columns = None
 
     def plan_decode(self, keys: list[int], slots: list[torch.Tensor], positions: list[int]) -> tuple[list[int], int]:
         """Plan one decode forward of rows `keys` (any order; a key names one row for as long as it runs), each
@@ -130,6 +135,7 @@ class SlotCache(Cache):
         self._columns = torch.tensor([positions[i] for i in order], device=device)
         self._batch = torch.arange(rows, device=device)
         self._seen = length
+        self._gather = False
         return order, length
 
     def _arrange(self, keys: list[int], slots: list[torch.Tensor], positions: list[int], length: int) -> None:
@@ -197,12 +203,13 @@ class SlotCache(Cache):
         for i, (pool, new) in enumerate(((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states))):
             new = new.to(pool.dtype)
             pool.index_copy_(0, self._write, new.transpose(1, 2).reshape(-1, heads, dim))
-            if self._columns is None:
+            if self._columns is not None:  # the decode rows' new (last) token, into the view
+                view = self._view[i * layers + layer_idx]
+                view[self._batch, :, self._columns] = new[: len(self._batch), :, -1]
+            if self._gather:
                 gathered = pool.index_select(0, self._flat).view(rows, self._seen, heads, dim)
                 out.append(gathered.transpose(1, 2))
             else:
-                view = self._view[i * layers + layer_idx]
-                view[self._batch, :, self._columns] = new[:, :, 0]
                 out.append(view[:rows, :, : self._seen])  # a strided view: attention reads it without a copy
         return out[0], out[1]
 
