@@ -38,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.ops:
-        return ops(args.threads, args.rounds)
+        return ops(args.threads, args.rounds, args.set_in_worker)
     tok = transformers.AutoTokenizer.from_pretrained(args.base)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.base).eval()
     enc = tok(["Write a short poem about the sea."], return_tensors="pt")
@@ -73,7 +73,7 @@ def main() -> None:
         print(json.dumps({"thread": name, "torch_threads": sorted({x[3] for x in xs}), "wall_s": round(statistics.median(x[0] for x in xs), 3), "thread_cpu_s": round(statistics.median(x[1] for x in xs), 3), "process_cpu_s": round(statistics.median(x[2] for x in xs), 3), "walls": [round(x[0], 2) for x in xs], "set_in_worker": args.set_in_worker}), flush=True)  # fmt: skip
 
 
-def ops(threads: int, rounds: int) -> None:
+def ops(threads: int, rounds: int, set_in_worker: bool) -> None:
     """Each op in the main thread and in a fresh worker thread, interleaved; median wall and CPU/wall per op."""
     weight, one, eight, big = torch.randn(1536, 576), torch.randn(1, 576), torch.randn(8, 576), torch.randn(4_000_000)
     cases: dict[str, Callable[[], object]] = {
@@ -93,7 +93,13 @@ def ops(threads: int, rounds: int) -> None:
 
     def in_worker(op: Callable[[], object]) -> tuple[float, float]:
         box: list[tuple[float, float]] = []
-        worker = threading.Thread(target=lambda: box.append(timed(op)))
+
+        def body() -> None:
+            if set_in_worker:
+                torch.set_num_threads(threads)
+            box.append(timed(op))
+
+        worker = threading.Thread(target=body)
         worker.start()
         worker.join()
         return box[0]
@@ -104,7 +110,7 @@ def ops(threads: int, rounds: int) -> None:
             for where in ("main", "worker") if r % 2 == 0 else ("worker", "main"):
                 res[where].append(timed(op) if where == "main" else in_worker(op))
         for where, xs in res.items():
-            print(json.dumps({"op": name, "thread": where, "torch_threads": threads, "wall_s": round(statistics.median(x[0] for x in xs), 4), "cpu_per_wall": round(statistics.median(x[1] for x in xs), 2)}), flush=True)  # fmt: skip
+            print(json.dumps({"op": name, "thread": where, "torch_threads": threads, "wall_s": round(statistics.median(x[0] for x in xs), 4), "cpu_per_wall": round(statistics.median(x[1] for x in xs), 2), "set_in_worker": set_in_worker}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
