@@ -133,6 +133,23 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
 # ---------------------------------------------------------------- data formatting
 
 
+def train_argv(base: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    """The SFT example's arguments for 8 epochs over 32 SST-2 examples (batch 8, lr 5e-2) on the tiny base."""
+    sizes = ["--train-size", "32", "--batch-size", "8", "--epochs", "8", "--lr", "5e-2"]
+    return [
+        "--base",
+        str(base),
+        "--task",
+        "sst2",
+        "--data-dir",
+        str(data_dir),
+        *sizes,
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
+
+
 def test_records_answer_with_the_label_word(data_dir: Path) -> None:
     sst2 = sft_data.load_examples("sst2", "train", data_dir)
     record = sft_data.to_record("sst2", sst2[1])
@@ -214,30 +231,7 @@ def test_unknown_task_and_split_name_the_allowed_values(data_dir: Path) -> None:
 def test_train_reload_generate(tmp_path: Path, tiny_base: Path, data_dir: Path, method: str, trainable: int) -> None:
     torch.set_num_threads(1)
     out = tmp_path / method
-    argv = [
-        "--base",
-        str(tiny_base),
-        "--task",
-        "sst2",
-        "--method",
-        method,
-        "--data-dir",
-        str(data_dir),
-        "--train-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "8",
-        "--lr",
-        "5e-2",
-        "--logging-steps",
-        "1",
-        "--seed",
-        "0",
-        "--output-dir",
-        str(out),
-    ]
+    argv = train_argv(tiny_base, data_dir, out, "--method", method, "--logging-steps", "1", "--seed", "0")
     results = sft_train.run(sft_train.parse_args(argv))
 
     losses = [loss for _, loss in results["loss"]]
@@ -265,26 +259,7 @@ def test_train_reload_generate(tmp_path: Path, tiny_base: Path, data_dir: Path, 
 def test_evaluate_scores_base_and_adapter(tmp_path: Path, tiny_base: Path, data_dir: Path) -> None:
     torch.set_num_threads(1)
     adapter = tmp_path / "adapter"
-    sft_train.main(
-        [
-            "--base",
-            str(tiny_base),
-            "--task",
-            "sst2",
-            "--data-dir",
-            str(data_dir),
-            "--train-size",
-            "32",
-            "--batch-size",
-            "8",
-            "--epochs",
-            "8",
-            "--lr",
-            "5e-2",
-            "--output-dir",
-            str(adapter),
-        ]
-    )
+    sft_train.main(train_argv(tiny_base, data_dir, adapter))
     common = ["--base", str(tiny_base), "--task", "sst2", "--data-dir", str(data_dir), "--eval-size", "0"]
     base = sft_evaluate.run(sft_evaluate.parse_args([*common, "--json", str(tmp_path / "base.json")]))
     tuned = sft_evaluate.run(
