@@ -20,12 +20,10 @@ Completion(text=' positive', finish_reason='stop', prompt_tokens=9, completion_t
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -33,7 +31,7 @@ import torch
 from ..constants import BASE
 from ..routing import MixedBatch, mixed_batch
 from .errors import BadInputError, DrainingError, OverloadedError, TooLongError, UnknownTaskError, WrongRouteError
-from .handle import GenerationHandle
+from .handle import GenerationHandle, Row
 from .kv import SlotCache, TokenPool, _padded, attention_mask
 from .sampling import Completion, Prompt, SamplingParams, TextTracker, check_prompt, choose, prompt_ids
 from .store import TaskStore
@@ -57,24 +55,6 @@ class GenerationObserver(Protocol):
     `seconds` since submit)."""
 
     def on_generation(self, event: str, data: dict[str, Any]) -> None: ...
-
-
-@dataclass(eq=False)
-class _Row:
-    """One admitted request: its prompt ids, slots, progress and output."""
-
-    task: str
-    params: SamplingParams
-    handle: GenerationHandle
-    prompt: list[int]
-    slots: torch.Tensor
-    tracker: TextTracker
-    generator: torch.Generator | None
-    submitted: float
-    key: int = field(default_factory=itertools.count().__next__)
-    prefilled: int = 0
-    out: list[int] = field(default_factory=list)
-    first_token: float | None = None
 
 
 class GenerationEngine:
@@ -135,8 +115,8 @@ class GenerationEngine:
         self._cond = threading.Condition()
         self._inbox: deque[tuple[str, Prompt, SamplingParams, GenerationHandle, float]] = deque()
         self._cancels: set[GenerationHandle] = set()
-        self._waiting: deque[_Row] = deque()
-        self._running: list[_Row] = []
+        self._waiting: deque[Row] = deque()
+        self._running: list[Row] = []
         self._pool = TokenPool(max_tokens_in_flight)
         self._cache: SlotCache | None = None
         self._thread: threading.Thread | None = None
@@ -270,7 +250,7 @@ class GenerationEngine:
         if params.temperature != 0:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
-        row = _Row(task, params, handle, ids, self._pool.take(need), TextTracker(self.store.tokenizer, params.stop), generator, t)  # fmt: skip
+        row = Row(task, params, handle, ids, self._pool.take(need), TextTracker(self.store.tokenizer, params.stop), generator, t)  # fmt: skip
         self._waiting.append(row)
 
     def _retry_after(self) -> float:
@@ -310,10 +290,10 @@ class GenerationEngine:
         self._step_s = 0.9 * self._step_s + 0.1 * seconds
         self._observe("step", rows=len(decode), tasks=len({r.task for r in decode}), prefill_tokens=chunk, prefill_rows=len(prefill), fused=fused, seconds=seconds)  # fmt: skip
 
-    def _prefill_batch(self) -> list[tuple[_Row, int]]:
+    def _prefill_batch(self) -> list[tuple[Row, int]]:
         """The rows still prefilling that this step takes, in arrival order, each with its chunk: at most
         `prefill_chunk` tokens per row and `prefill_tokens` per step (counted padded: rows x longest chunk)."""
-        batch: list[tuple[_Row, int]] = []
+        batch: list[tuple[Row, int]] = []
         width = 0
         for row in self._running:
             left = len(row.prompt) - row.prefilled
@@ -326,7 +306,7 @@ class GenerationEngine:
             width = max(width, n)
         return batch
 
-    def _fuse(self, decode: list[_Row], prefill: list[tuple[_Row, int]]) -> bool:
+    def _fuse(self, decode: list[Row], prefill: list[tuple[Row, int]]) -> bool:
         """Whether this step's decode rows run in the prefill's forward, each left-padded to the chunk width (one
         pass over the weights instead of two): when that padded forward stays within `prefill_tokens` and the
         decode rows' keys/values, gathered from the slots for it, within 4x that (a short prompt joining a few
@@ -336,7 +316,7 @@ class GenerationEngine:
         padded = (len(decode) + len(prefill)) * width
         return padded <= self.prefill_tokens and len(decode) * longest <= 4 * self.prefill_tokens
 
-    def _plan_decode(self, rows: list[_Row]) -> tuple[list[_Row], list[int]]:
+    def _plan_decode(self, rows: list[Row]) -> tuple[list[Row], list[int]]:
         """Plan a decode of `rows` (their last token each) through the cache's decode view; the rows in the view's
         order and the position of each one's new token."""
         assert self._cache is not None
@@ -344,7 +324,7 @@ class GenerationEngine:
         order, _ = self._cache.plan_decode([r.key for r in rows], [r.slots for r in rows], positions)
         return [rows[i] for i in order], [positions[i] for i in order]
 
-    def _prefill(self, batch: list[tuple[_Row, int]], decode: list[tuple[_Row, int]] | None = None) -> torch.Tensor:
+    def _prefill(self, batch: list[tuple[Row, int]], decode: list[tuple[Row, int]] | None = None) -> torch.Tensor:
         """One forward of the next chunk of each row of `batch`, left-padded to the longest chunk (padding writes
         to the cache's spare slot and is hidden from every real token); the logits of each row's last token. With
         `decode` (rows planned by `_plan_decode`, each with its new token's position), those rows come first, each
@@ -360,7 +340,7 @@ class GenerationEngine:
         tokens = [[0] * (width - n) + (r.prompt[start : start + n] if start < len(r.prompt) else r.out[-1:]) for r, start, n in parts]  # fmt: skip
         return self._forward([r for r, _, _ in parts], tokens, [start + n - width for _, start, n in parts], length)
 
-    def _forward(self, rows: list[_Row], tokens: list[list[int]], firsts: list[int], length: int) -> torch.Tensor:
+    def _forward(self, rows: list[Row], tokens: list[list[int]], firsts: list[int], length: int) -> torch.Tensor:
         """One forward of `rows`, each with as many new `tokens` from position `firsts[i]` (negative for left
         padding) over `length` keys, as the cache was planned; the `(rows, vocab)` logits of each last token."""
         assert self._cache is not None
@@ -376,7 +356,7 @@ class GenerationEngine:
             )  # fmt: skip
         return out.logits[:, -1].float().cpu()
 
-    def _advance(self, row: _Row, logits: torch.Tensor) -> None:
+    def _advance(self, row: Row, logits: torch.Tensor) -> None:
         """Choose the row's next token, publish the text that became final, and end the row if it is done."""
         token = choose(logits, row.params, row.generator)
         row.out.append(token)
@@ -394,7 +374,7 @@ class GenerationEngine:
         if delta:
             row.handle._publish(delta)
 
-    def _finish(self, row: _Row, reason: str = "", error: BaseException | None = None) -> None:
+    def _finish(self, row: Row, reason: str = "", error: BaseException | None = None) -> None:
         """Take the row out of the batch, free its tokens, and publish its end."""
         if row in self._running:
             self._running.remove(row)

@@ -2,20 +2,25 @@
 
 The engine's thread publishes text deltas and the end (a `Completion` or an error) into the handle; a thread
 blocks on `result`, a coroutine awaits `wait` or iterates `stream`. Wake-ups reach an event loop through
-`call_soon_threadsafe`, so the engine never touches a loop's state from its own thread.
+`call_soon_threadsafe`, so the engine never touches a loop's state from its own thread. `Row` is the engine's
+side of the same request (its tokens, KV slots and progress).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
 
 from .errors import TimedOutError
-from .sampling import Completion
+from .sampling import Completion, SamplingParams, TextTracker
 
-__all__ = ["GenerationHandle"]
+__all__ = ["GenerationHandle", "Row"]
 
 
 class GenerationHandle:
@@ -106,3 +111,21 @@ class GenerationHandle:
                 self._wakers.remove((loop, event))
             if cancel_on_exit and not self._done:
                 self.cancel()
+
+
+@dataclass(eq=False)
+class Row:
+    """One request admitted by the engine: its prompt ids, KV slots, progress and output (engine-internal)."""
+
+    task: str
+    params: SamplingParams
+    handle: GenerationHandle
+    prompt: list[int]
+    slots: torch.Tensor
+    tracker: TextTracker
+    generator: torch.Generator | None
+    submitted: float
+    key: int = field(default_factory=itertools.count().__next__)
+    prefilled: int = 0
+    out: list[int] = field(default_factory=list)
+    first_token: float | None = None
