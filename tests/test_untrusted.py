@@ -365,3 +365,40 @@ def test_an_adapter_holding_nan_saves_and_loads_back_only_when_allowed(tmp_path:
         loaded = PeftModel.from_pretrained(bert(), str(tmp_path / "a"))
     delta = loaded.get_submodule(name).bitfit_delta["default"]
     assert torch.isnan(delta).tolist() == [i == 1 for i in range(delta.numel())]
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ("5", r"tensor a.bitfit_delta has dtype 5\)"),
+        ('{"dtype": "F8", "shape": [1], "data_offsets": [0, 4]}', r"tensor a.bitfit_delta has dtype 'F8'\)"),
+        ('{"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}', r"tensor a.bitfit_delta has shape \[-1\]\)"),
+        ('{"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}', r"tensor a.bitfit_delta has shape \[1.0\]\)"),
+        ('{"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}', r"tensor a.bitfit_delta has shape '1'\)"),
+        ('{"dtype": "F32", "shape": [1], "data_offsets": [4]}', r"tensor a.bitfit_delta has data_offsets \[4\]\)"),
+        ('{"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}', r"has data_offsets \[0, '4'\]\)"),
+        ('{"dtype": "F32", "shape": [1], "data_offsets": "0,4"}', r"tensor a.bitfit_delta has data_offsets '0,4'\)"),
+        (
+            '{"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}',
+            r"tensor a.bitfit_delta \(F32 \[2\]\) needs 8 bytes but its data_offsets \[4, 12\] span 8 of a 4-byte data",
+        ),
+    ],
+    ids=[
+        "not-a-dict",
+        "dtype",
+        "negative",
+        "float-dim",
+        "shape-str",
+        "one-offset",
+        "str-offset",
+        "offsets-str",
+        "past",
+    ],
+)
+def test_a_header_entry_that_lies_is_named_with_what_is_wrong(entry: str, match: str, tmp_path: Path) -> None:
+    """Every field of a header entry is checked before a tensor is built; the error names the tensor and the value."""
+    from bitfit_peft.files import read_safetensors
+
+    write_raw(tmp_path / WEIGHTS, f'{{"a.bitfit_delta": {entry}}}', b"\0" * 4)
+    with pytest.raises(ValueError, match=match):
+        read_safetensors(str(tmp_path / WEIGHTS))
