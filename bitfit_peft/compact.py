@@ -219,7 +219,13 @@ def decode(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if sparse:
         if POSITIONS_KEY not in tensors:
             raise ValueError(f"Corrupt BitFit file: sparse layout but no {POSITIONS_KEY} tensor. Save it again.")
-        positions = _decode_positions(tensors[POSITIONS_KEY].cpu().numpy(), sparse["encoding"], total)
+        stored = tensors[POSITIONS_KEY]
+        if stored.dtype != torch.uint8 or stored.dim() != 1:  # wider or signed bytes could point anywhere
+            raise ValueError(
+                f"Corrupt BitFit file: {POSITIONS_KEY} is {stored.dtype} of shape {tuple(stored.shape)}, expected "
+                "torch.uint8 bytes (one dimension). Save the adapter again."
+            )
+        positions = _decode_positions(stored.cpu().numpy(), sparse["encoding"], total)
         counts = np.bincount(np.searchsorted(np.cumsum(sizes), positions, side="right"), minlength=len(sizes))
     else:
         positions, counts = None, np.array(sizes)
@@ -355,10 +361,10 @@ _canonical = head_key
 def _quantize(x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Symmetric absmax int8: `x ~ q * scale` with `q` in [-127, 127]."""
     absmax = float(x.abs().max()) if x.numel() else 0.0
-    scale = absmax / 127.0
-    if scale == 0.0:
+    scale = float(np.float32(absmax / 127.0))  # what the file stores and decode multiplies by
+    if scale == 0.0:  # all zeros, empty, or too small for a float32 scale: x / scale would be inf or NaN
         return 0.0, torch.zeros(x.shape, dtype=torch.int8)
-    scale = float(np.float32(scale))  # what the file stores and decode multiplies by
+    # a subnormal scale is coarse: x / scale can pass 127, and int8 would wrap it to the other sign
     return scale, torch.round(x / scale).clamp(-127, 127).to(torch.int8)
 
 
@@ -386,14 +392,18 @@ def _encode_positions(positions: np.ndarray, total: int) -> tuple[str, np.ndarra
 
 
 def _decode_positions(data: np.ndarray, encoding: str, total: int) -> np.ndarray:
-    data = data.astype(np.int64)
+    """Kept positions from the uint8 `data` `_encode_positions` wrote: strictly increasing by construction (a set
+    bit each, or a gap of at least 0 plus one), so only the last can be out of range."""
     if encoding == "bitmap":
-        positions = np.flatnonzero(np.unpackbits(data.astype(np.uint8), count=total, bitorder="little"))
+        positions = np.flatnonzero(np.unpackbits(data, bitorder="little"))
     elif encoding == "gaps":
         is_value = data != _GAP_ESCAPE
         positions = (np.cumsum(data + is_value) - 1)[is_value]
     else:
         raise ValueError(f"Unknown sparse position encoding {encoding!r} (known: {list(POSITION_ENCODINGS)}).")
-    if positions.size and (positions[-1] >= total or (np.diff(positions) <= 0).any()):
-        raise ValueError("Corrupt BitFit file: sparse positions are out of range. Save the adapter again.")
+    if positions.size and positions[-1] >= total:
+        raise ValueError(
+            f"Corrupt BitFit file: sparse position {positions[-1]} is out of range (the layout has {total} values). "
+            "Save the adapter again."
+        )
     return positions

@@ -112,7 +112,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def _header(path: str, data: bytes | bytearray) -> dict[str, Any]:
+def _header(data: bytes | bytearray) -> dict[str, Any]:
     if len(data) < 8:
         raise ValueError(f"the file has {len(data)} bytes, fewer than the 8-byte header length")
     length = int.from_bytes(data[:8], "little")
@@ -144,7 +144,7 @@ def read_safetensors(path: str, verify_finite: bool | None = None) -> tuple[dict
     try:
         with open(path, "rb") as f:
             data = bytearray(f.read())
-        header = _header(path, data)
+        header = _header(data)
         metadata = header.pop("__metadata__", None) or {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise ValueError("__metadata__ must map names to strings")
@@ -181,7 +181,7 @@ def read_safetensors(path: str, verify_finite: bool | None = None) -> tuple[dict
         for (_, end_a, key_a), (begin_b, _, key_b) in zip(ranges, ranges[1:], strict=False):
             if begin_b < end_a:
                 raise ValueError(f"tensors {key_a} and {key_b} overlap in the data section")
-        floats = [(k, t) for k, t in tensors.items() if t.is_floating_point() and t.numel()]
+        floats = [(k, t) for k, t in tensors.items() if t.is_floating_point()]
         if check_finite and floats and not torch.isfinite(torch.cat([t.reshape(-1).float() for _, t in floats])).all():
             bad = next(k for k, t in floats if not torch.isfinite(t).all())  # one check for all, then find which
             raise ValueError(
@@ -211,9 +211,9 @@ def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
     """
     try:
         with open(path, "rb") as f:
-            data = f.read(8)
-            data += f.read(min(int.from_bytes(data, "little"), MAX_HEADER_BYTES + 1)) if len(data) == 8 else b""
-        header = _header(path, data)
+            data = f.read(8)  # fewer than 8 bytes: at the end of the file, the next read returns nothing
+            data += f.read(min(int.from_bytes(data, "little"), MAX_HEADER_BYTES))
+        header = _header(data)
     except (OSError, ValueError) as err:
         raise _file_error(path, err) from None
     return header, len(data)
@@ -287,7 +287,7 @@ def write_layout_metadata(path: str, limit: float = 1.05) -> None:
     layout = compact.read_layout(tensors)
     parts = (compact.LAYOUT_KEY, compact.PACKED_KEY, compact.POSITIONS_KEY)
     float_heads = any(k not in parts and v.is_floating_point() for k, v in tensors.items())
-    if compact.CODECS[layout["dtype"]].scaled and not layout.get("heads") and float_heads:
+    if compact.CODECS[layout["dtype"]].scaled and float_heads:
         # peft adds the task head to the state dict after the tuner's save hook, so it arrives here in float32: a
         # scaled (int8) file quantizes it too (its own scale), which brings a b_q + b_m2 MiniLM adapter under 8 KB
         keep = (layout.get("sparse") or {}).get("keep_fraction")

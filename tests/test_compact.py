@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +86,8 @@ def test_float32_packed_gives_the_same_outputs_as_the_original() -> None:
 def test_int8_head_scale_found_after_peft_renames_the_head_key() -> None:
     state = get_peft_model_state_dict(_model())
     encoded = compact.encode(state, "int8")
+    # the layout lists heads without peft's prefix: files written by one version must decode in another
+    assert sorted(compact.read_layout(encoded)["heads"]) == ["classifier.bias", "classifier.weight"]
     renamed = {k.replace(".classifier.", ".classifier.modules_to_save.default."): v for k, v in encoded.items()}
     decoded = compact.decode(renamed)
     key = "base_model.model.classifier.modules_to_save.default.weight"
@@ -123,12 +128,30 @@ def test_metadata_records_the_module_order() -> None:
     assert modules == [
         k.removeprefix("base_model.model.").removesuffix(".bitfit_delta") for k in state if "bitfit" in k
     ]
-    assert meta["bitfit_dtype"] == "bfloat16" and meta["format"] == "pt"
+    assert meta["bitfit_dtype"] == "bfloat16" and meta["format"] == "pt" and meta["bitfit_layout"] == "1"
+    assert "bitfit_keep_fraction" not in meta
+    assert meta["bitfit_module_prefix"] == "bert.encoder.layer."
+    # the common prefix stops at a whole component: "h.1" is shared by h.10 and h.11 but is not a module path
+    split = compact.safetensors_metadata(
+        compact.encode({f"base_model.model.h.{i}.mlp.bitfit_delta": torch.ones(2) for i in (10, 11)}, "float16")
+    )
+    assert (split["bitfit_module_prefix"], split["bitfit_modules"]) == ("h.", "10.mlp,11.mlp")
+    sparse = compact.safetensors_metadata(compact.encode(state, "int8", 0.25), module_order=False)
+    assert sparse == {"format": "pt", "bitfit_layout": "1", "bitfit_dtype": "int8", "bitfit_keep_fraction": "0.25"}
+
+
+def test_integer_tensors_pass_through_a_packed_file_unchanged() -> None:
+    """encode keeps a non-floating tensor as it is (only floating heads are cast or scaled); decode gives it back."""
+    state = {"m.bitfit_delta": torch.ones(2), "n": torch.tensor([3, -4])}
+    for dtype in ("float16", "int8"):
+        out = compact.decode(compact.encode(state, dtype))
+        assert out["n"].dtype == torch.int64 and out["n"].tolist() == [3, -4], dtype
 
 
 def test_unpacked_state_decodes_to_float32() -> None:
-    out = compact.decode({"a.bitfit_delta": torch.ones(2, dtype=torch.bfloat16)})
+    out = compact.decode({"a.bitfit_delta": torch.ones(2, dtype=torch.bfloat16), "n": torch.tensor([3, -4])})
     assert out["a.bitfit_delta"].dtype == torch.float32
+    assert out["n"].dtype == torch.int64 and out["n"].tolist() == [3, -4]  # only floating tensors change dtype
 
 
 @pytest.mark.parametrize(
@@ -163,6 +186,24 @@ def test_decode_reports_corrupt_files() -> None:
         compact.decode({**packed, compact.PACKED_KEY: packed[compact.PACKED_KEY][:2]})
     with pytest.raises(ValueError, match="no bitfit_positions"):
         compact.decode({k: v for k, v in packed.items() if k != compact.POSITIONS_KEY})
+    with pytest.raises(ValueError, match=r"bitfit_layout is there but bitfit_packed is missing\. Save it again\."):
+        compact.decode({k: v for k, v in packed.items() if k != compact.PACKED_KEY})
+    with pytest.raises(ValueError, match=r"int8 tensor head.weight has no scale in the layout\. Save it again\."):
+        compact.decode({**packed, "head.weight": torch.ones(2, dtype=torch.int8)})  # not among the layout's heads
+
+
+def test_decode_gives_float32_under_a_float64_default_dtype() -> None:
+    """The deltas decode to float32 as documented, also in a process that set torch's default dtype to float64
+    (int8 scales and the zero-filled sparse buffer are built with an explicit dtype)."""
+    state = {"m.bitfit_delta": torch.tensor([1.0, -2.0, 0.5, 4.0])}
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for dtype, keep in (("int8", None), ("float16", 0.5), ("int8", 0.5)):
+            out = compact.decode(compact.encode(state, dtype, keep))["m.bitfit_delta"]
+            assert out.dtype == torch.float32, (dtype, keep, out.dtype)
+    finally:
+        torch.set_default_dtype(old)
 
 
 def test_gap_encoding_handles_gaps_longer_than_a_byte() -> None:
@@ -256,3 +297,71 @@ def test_keys_in_unsorted_order_keep_their_own_values(dtype: str, keep: float | 
             expected = torch.zeros_like(value).index_copy(0, kept, value[kept])
         step = float(value.abs().max()) / 127  # int8's step; bfloat16 errs by less on these values
         assert torch.allclose(out[key], expected, rtol=0, atol=step / 2 + 1e-6), key
+
+
+def test_int8_is_exact_at_scale_one_zero_for_zero_tensors_and_symmetric_without_wrapping() -> None:
+    """absmax 127 gives scale 1.0 (integers come back exactly); an all-zero tensor decodes to zeros; deltas so small
+    that their float32 scale is subnormal (coarse, so x / scale passes 127) keep their sign and symmetry instead of
+    wrapping around in int8; smaller ones still (a zero scale) decode to zeros, not NaN."""
+    state = {
+        "a.bitfit_delta": torch.tensor([127.0, -64.0, 3.0]),
+        "z.bitfit_delta": torch.zeros(2),
+        "t.bitfit_delta": torch.tensor([2e-43, -2e-43]),
+        "u.bitfit_delta": torch.tensor([4e-44, 0.0]),
+    }
+    out = compact.decode(compact.encode(state, "int8"))
+    assert torch.equal(out["a.bitfit_delta"], state["a.bitfit_delta"])
+    assert torch.equal(out["z.bitfit_delta"], torch.zeros(2))
+    tiny = out["t.bitfit_delta"]
+    assert 0 < float(tiny[0]) <= 2e-43 and float(tiny[1]) == -float(tiny[0]), tiny.tolist()
+    assert torch.equal(out["u.bitfit_delta"], torch.zeros(2))
+
+
+def test_sparse_positions_out_of_range_or_not_uint8_bytes_are_refused() -> None:
+    """A crafted positions tensor must not place a value outside its delta, nor anywhere else: positions past the
+    layout's size (by bitmap or by gaps) and positions stored as other than 1-D uint8 (an int64 gap of -4 would
+    index from the end) are refused."""
+    values = torch.arange(1.0, 601.0)
+    gaps = compact.encode({"m.bitfit_delta": values}, "float32", keep_fraction=0.01)  # 594..599: gap bytes
+    bitmap = compact.encode({"m.bitfit_delta": values[:6]}, "float32", keep_fraction=0.5)  # 3..5: one bitmap byte
+    assert [compact.read_layout(p)["sparse"]["encoding"] for p in (gaps, bitmap)] == ["gaps", "bitmap"]
+    stored = gaps[compact.POSITIONS_KEY]
+    past = stored.clone()
+    past[-1] += 1  # the last kept position becomes 600, one past the end
+    with pytest.raises(
+        ValueError, match=r"position 600 is out of range \(the layout has 600 values\)\. Save the adapter again\.$"
+    ):
+        compact.decode({**gaps, compact.POSITIONS_KEY: past})
+    bits = bitmap[compact.POSITIONS_KEY].clone()
+    assert bits.tolist() == [0b00111000]
+    bits[0] |= 0b01000000  # position 6 of 6
+    with pytest.raises(ValueError, match=r"sparse position 6 is out of range \(the layout has 6 values\)"):
+        compact.decode({**bitmap, compact.POSITIONS_KEY: bits})
+    for bad, what in (
+        (torch.tensor([-4, 200, 0, 0, 0, 0]), r"torch.int64 of shape \(6,\)"),
+        (stored.reshape(2, -1), r"torch.uint8 of shape \(2, 4\)"),
+    ):
+        match = (
+            rf"bitfit_positions is {what}, expected torch.uint8 bytes \(one dimension\)\. Save the adapter again\.$"
+        )
+        with pytest.raises(ValueError, match=match):
+            compact.decode({**gaps, compact.POSITIONS_KEY: bad})
+    layout = compact.read_layout(gaps)
+    layout["sparse"]["encoding"] = "rle"
+    raw = zlib.compress(json.dumps(layout).encode())  # float32: no scales follow the JSON
+    with pytest.raises(ValueError, match=r"Unknown sparse position encoding 'rle' \(known: \['bitmap', 'gaps'\]\)"):
+        compact.decode({**gaps, compact.LAYOUT_KEY: torch.frombuffer(bytearray(raw), dtype=torch.uint8)})
+
+
+@pytest.mark.parametrize(("dtype", "keep"), [("int8", 0.5), ("float16", 0.5), ("int8", None)])
+def test_an_empty_delta_round_trips_first_or_last(dtype: str, keep: float | None) -> None:
+    """A zero-size delta keeps no value, so no kept position falls in it; the deltas after it, and its own scale,
+    still line up (per-tensor counts must cover every delta, also those that come last with none kept). The values
+    are exact in every form (int8 with absmax 127 has scale 1)."""
+    for order in (["e.bitfit_delta", "m.bitfit_delta"], ["m.bitfit_delta", "e.bitfit_delta"]):
+        values = {"e.bitfit_delta": torch.zeros(0), "m.bitfit_delta": torch.tensor([127.0, -1.0, 63.0, 2.0])}
+        state = {key: values[key] for key in order}
+        out = compact.decode(compact.encode(state, dtype, keep))
+        assert list(out) == order and out["e.bitfit_delta"].shape == (0,)
+        expected = torch.tensor([127.0, 0.0, 63.0, 0.0]) if keep else values["m.bitfit_delta"]
+        assert torch.equal(out["m.bitfit_delta"], expected), (order, out["m.bitfit_delta"])

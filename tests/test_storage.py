@@ -117,6 +117,22 @@ def test_bfloat16_model_gets_bfloat16_deltas_from_a_packed_file(base_dir: Path, 
     assert {v.dtype for v in deltas(loaded).values()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("save_dtype", ["bfloat16", "float16"])
+def test_half_precision_packed_files_keep_the_task_head_in_float32(
+    save_dtype: str, base_dir: Path, tmp_path: Path
+) -> None:
+    """Only int8 files store the head scaled (docs/checkpoint-format.md): a half-precision file halves the deltas,
+    and the head peft adds after the save hook stays float32, bit for bit."""
+    model = saved(base_dir, tmp_path / "a", save_dtype, None)
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert tensors[compact.PACKED_KEY].dtype == getattr(torch, save_dtype)
+    heads = {k: v for k, v in tensors.items() if "classifier" in k}
+    assert heads and {v.dtype for v in heads.values()} == {torch.float32}
+    trained = dict(model.named_parameters())
+    for key, value in heads.items():
+        assert torch.equal(trained[key.replace("classifier.", "classifier.modules_to_save.default.")], value), key
+
+
 def test_transformers_load_adapter_refuses_a_packed_file_and_leaves_the_model_alone(
     base_dir: Path, tmp_path: Path
 ) -> None:

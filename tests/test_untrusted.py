@@ -82,12 +82,16 @@ def test_tensor_dtype_that_a_bias_delta_cannot_have(tmp_path: Path) -> None:
     _, path = trained(tmp_path)
     repack(path, lambda t: {k: v.to(torch.int64) if "bitfit_delta" in k else v for k, v in t.items()})
     refused(path, r"has dtype torch.int64, expected floating point")
+    _, path = trained(tmp_path, "one")  # one int8 delta, which safetensors stores after the float32 tensors
+    last = sorted(k for k in load_file(path / WEIGHTS) if "bitfit_delta" in k)[-1]
+    repack(path, lambda t: {**t, last: t[last].to(torch.int8)})
+    refused(path, rf"tensor {last} has dtype torch.int8, expected floating point")
 
 
 def test_packed_values_whose_dtype_disagrees_with_the_layout(tmp_path: Path) -> None:
     path = packed_dir(tmp_path)
     repack(path, lambda t: {**t, compact.PACKED_KEY: t[compact.PACKED_KEY].float()})
-    refused(path, r"the layout says int8 but bitfit_packed holds torch.float32")
+    refused(path, r"the layout says int8 but bitfit_packed holds torch.float32\. Save the adapter again\.$")
 
 
 def test_shapes_that_disagree_with_the_config(tmp_path: Path) -> None:
@@ -154,7 +158,11 @@ def test_pickle_only_directory_needs_an_explicit_opt_in(tmp_path: Path) -> None:
     model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False))
     model.save_pretrained(tmp_path / "bin", safe_serialization=False)
     assert not (tmp_path / "bin" / WEIGHTS).exists()
-    refused(tmp_path / "bin", r"holds only a pickle checkpoint .*load_policy\(allow_pickle=True\)")
+    refused(
+        tmp_path / "bin",
+        r"holds only a pickle checkpoint .* so they are refused by default\. Convert it with model\.save_pretrained\(\) "
+        r"\(safetensors\), or, for a file you trust, .*load_policy\(allow_pickle=True\)",
+    )
     with load_policy(allow_pickle=True):
         loaded = PeftModel.from_pretrained(bert(), str(tmp_path / "bin"))
     for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
@@ -253,3 +261,144 @@ def test_adapter_config_is_read_in_one_place(tmp_path: Path) -> None:
     for message in readers(out, hotswap=False):
         assert "there is no adapter_config.json" in message, message
     assert_same(snapshot(model), before)  # no refused hotswap touched the model
+
+
+def test_a_file_too_short_for_its_header_says_which_length_is_wrong(tmp_path: Path) -> None:
+    """7 bytes cannot hold the length field; 8 bytes hold it but no header: each error names what is missing."""
+    from bitfit_peft.files import read_safetensors, read_safetensors_header
+
+    path = tmp_path / WEIGHTS
+    path.write_bytes(b"\2" + b"\0" * 6)
+    for read in (read_safetensors, read_safetensors_header):
+        with pytest.raises(
+            ValueError, match=rf"{WEIGHTS} is not a valid .*the file has 7 bytes, fewer than the 8-byte"
+        ):
+            read(str(path))
+    write_raw(path, "", claimed=2)
+    for read in (read_safetensors, read_safetensors_header):
+        with pytest.raises(ValueError, match=r"the header claims 2 bytes but the file has 0 after the length field\)"):
+            read(str(path))
+
+
+def test_empty_tensors_read_back_with_their_shape_and_dtype(tmp_path: Path) -> None:
+    """A zero-size tensor (begin == end in the header) is valid safetensors; it reads back as written, beside the
+    tensors that hold data."""
+    from bitfit_peft.files import read_safetensors
+
+    written = {
+        "a.bitfit_delta": torch.zeros(0, dtype=torch.float16),
+        "b.weight": torch.ones(2, 0, dtype=torch.int8),
+        "c.bitfit_delta": torch.tensor([1.0, -2.0, 3.0]),
+    }
+    save_file(written, str(tmp_path / WEIGHTS))
+    tensors, metadata = read_safetensors(str(tmp_path / WEIGHTS))
+    assert metadata == {} and set(tensors) == set(written)
+    for key, value in written.items():
+        assert tensors[key].dtype == value.dtype and tensors[key].shape == value.shape, key
+        assert torch.equal(tensors[key], value), key
+
+
+def test_tensors_whose_byte_ranges_overlap_are_refused(tmp_path: Path) -> None:
+    """Each entry's range fits its shape, but the second reuses the first one's bytes: a crafted file."""
+    _, path = trained(tmp_path)
+    entries = {
+        "x.bitfit_delta": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "y.bitfit_delta": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+    }
+    write_raw(path / WEIGHTS, json.dumps(entries), b"\0" * 8)
+    refused(path, r"tensors x.bitfit_delta and y.bitfit_delta overlap in the data section")
+
+
+def test_unreadable_and_corrupt_files_name_the_file_and_the_fix(tmp_path: Path) -> None:
+    from bitfit_peft.files import read_safetensors, read_safetensors_header
+
+    for read in (read_safetensors, read_safetensors_header):
+        with pytest.raises(ValueError, match=rf"Cannot read adapter file {tmp_path}: \[Errno 21\] Is a directory"):
+            read(str(tmp_path))
+    path = tmp_path / WEIGHTS
+    write_raw(path, "[1]")
+    with pytest.raises(ValueError, match=r"the header is not a JSON object\)\. It may be truncated or corrupt \(or "
+                       r"crafted\): save the adapter again with model\.save_pretrained\(\)\.$"):  # fmt: skip
+        read_safetensors(str(path))
+
+
+def test_integer_tensor_in_a_packed_file_must_be_a_head_the_layout_scales(tmp_path: Path) -> None:
+    """A packed bfloat16 file has no int8 heads: an integer head there is refused, as in a plain file."""
+    path = packed_dir(tmp_path, "bfloat16")
+    key = "base_model.model.classifier.bias"
+    repack(path, lambda t: {**t, key: t[key].to(torch.int64)})
+    refused(
+        path,
+        rf"tensor {key} has dtype torch.int64, expected floating point \(integer tensors appear only in a packed "
+        r"layout: bitfit_packed, bitfit_layout, bitfit_positions, and int8 task heads the layout lists\)",
+    )
+
+
+def test_a_directory_without_weights_says_which_file_is_missing(tmp_path: Path) -> None:
+    _, path = trained(tmp_path)
+    (path / WEIGHTS).unlink()
+    refused(path, rf"No adapter weights in {path}/?: expected {WEIGHTS} next to adapter_config.json \(written by")
+
+
+def test_header_metadata_must_map_names_to_strings_and_a_header_alone_is_a_valid_file(tmp_path: Path) -> None:
+    from bitfit_peft.files import read_safetensors
+
+    path = tmp_path / WEIGHTS
+    for metadata in ('{"format": 1}', '["pt"]'):
+        write_raw(path, f'{{"__metadata__": {metadata}}}')
+        with pytest.raises(ValueError, match="__metadata__ must map names to strings"):
+            read_safetensors(str(path))
+    write_raw(path, '{"__metadata__": {"format": "pt"}}')  # no tensors: the header fills the file exactly
+    assert read_safetensors(str(path)) == ({}, {"format": "pt"})
+
+
+def test_an_adapter_holding_nan_saves_and_loads_back_only_when_allowed(tmp_path: Path) -> None:
+    """Saving does not judge the values (a diverged run's adapter can be kept and inspected); loading refuses NaN
+    unless `load_policy(allow_nonfinite=True)`, which brings it back where it was."""
+    model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", init_weights=False, save_dtype="float16"))
+    name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, BitFitLayer))
+    with torch.no_grad():
+        layer.bitfit_delta["default"][1] = float("nan")
+    model.save_pretrained(tmp_path / "a")
+    refused(tmp_path / "a", r"tensor bitfit_packed holds NaN or inf values")
+    with load_policy(allow_nonfinite=True):
+        loaded = PeftModel.from_pretrained(bert(), str(tmp_path / "a"))
+    delta = loaded.get_submodule(name).bitfit_delta["default"]
+    assert torch.isnan(delta).tolist() == [i == 1 for i in range(delta.numel())]
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ("5", r"tensor a.bitfit_delta has dtype 5\)"),
+        ('{"dtype": "F8", "shape": [1], "data_offsets": [0, 4]}', r"tensor a.bitfit_delta has dtype 'F8'\)"),
+        ('{"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}', r"tensor a.bitfit_delta has shape \[-1\]\)"),
+        ('{"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}', r"tensor a.bitfit_delta has shape \[1.0\]\)"),
+        ('{"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}', r"tensor a.bitfit_delta has shape '1'\)"),
+        ('{"dtype": "F32", "shape": [1], "data_offsets": [4]}', r"tensor a.bitfit_delta has data_offsets \[4\]\)"),
+        ('{"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}', r"has data_offsets \[0, '4'\]\)"),
+        ('{"dtype": "F32", "shape": [1], "data_offsets": "0,4"}', r"tensor a.bitfit_delta has data_offsets '0,4'\)"),
+        (
+            '{"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}',
+            r"tensor a.bitfit_delta \(F32 \[2\]\) needs 8 bytes but its data_offsets \[4, 12\] span 8 of a 4-byte data",
+        ),
+    ],
+    ids=[
+        "not-a-dict",
+        "dtype",
+        "negative",
+        "float-dim",
+        "shape-str",
+        "one-offset",
+        "str-offset",
+        "offsets-str",
+        "past",
+    ],
+)
+def test_a_header_entry_that_lies_is_named_with_what_is_wrong(entry: str, match: str, tmp_path: Path) -> None:
+    """Every field of a header entry is checked before a tensor is built; the error names the tensor and the value."""
+    from bitfit_peft.files import read_safetensors
+
+    write_raw(tmp_path / WEIGHTS, f'{{"a.bitfit_delta": {entry}}}', b"\0" * 4)
+    with pytest.raises(ValueError, match=match):
+        read_safetensors(str(tmp_path / WEIGHTS))
