@@ -105,6 +105,39 @@ def test_shapes_that_disagree_with_the_config(tmp_path: Path) -> None:
     refused(path, r"has shape \(33,\) in the checkpoint but \(32,\) in the model")
 
 
+def test_a_transposed_head_weight_is_refused_by_shape_not_by_size(tmp_path: Path) -> None:
+    # same number of values (2 x 32 = 32 x 2): only the shape tells that it does not fit the head
+    _, path = trained(tmp_path)
+    head = "classifier.weight"
+
+    def transpose(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        key = next(k for k in tensors if k.endswith(head))
+        return {**tensors, key: tensors[key].t().contiguous()}
+
+    repack(path, transpose)
+    refused(path, r"classifier\..*weight has shape \(32, 2\) in the checkpoint but \(2, 32\) in the model")
+
+
+def test_sparse_position_one_past_the_end(tmp_path: Path) -> None:
+    _, path = trained(tmp_path, "s", keep_fraction=0.05)
+
+    def move(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        layout = compact.read_layout(tensors)
+        total = sum(int(torch.Size(s).numel()) for s in layout["shapes"])
+        encoding = layout["sparse"]["encoding"]
+        positions = compact._decode_positions(tensors[compact.POSITIONS_KEY].numpy(), encoding, total).tolist()
+        positions[-1] = total  # the last kept value moved just past the last delta
+        gaps, previous = [], -1  # the "gaps" encoding written by hand: it can say what encode never would
+        for p in positions:
+            gaps += [255] * ((p - previous - 1) // 255) + [(p - previous - 1) % 255]
+            previous = p
+        return {**tensors, compact.POSITIONS_KEY: torch.tensor(gaps, dtype=torch.uint8)}
+
+    repack(path, move)
+    relayout(path, lambda layout: layout["sparse"].update(encoding="gaps"))
+    refused(path, "sparse positions are out of range")
+
+
 def test_layout_that_claims_a_huge_adapter(tmp_path: Path) -> None:
     path = packed_dir(tmp_path, "bfloat16")
     relayout(path, lambda layout: layout.update(shapes=[[2**40]] * len(layout["shapes"])))
