@@ -78,6 +78,25 @@ def test_header_that_claims_a_huge_length(tmp_path: Path) -> None:
     refused(path, r"header claims 1,099,511,627,776 bytes .* \(limit 16,777,216\)")
 
 
+def test_header_that_claims_more_bytes_than_the_file_has(tmp_path: Path) -> None:
+    # under the 16 MiB limit, but past the end of the file: refused by the file's size, not parsed short
+    _, path = trained(tmp_path)
+    header = '{"a.bitfit_delta":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    write_raw(path / WEIGHTS, header, b"\0" * 4, claimed=len(header) + 4 + 100)
+    refused(
+        path, rf"header claims {len(header) + 104} bytes but the file has {len(header) + 4} after the length field\)"
+    )
+
+
+@pytest.mark.parametrize("second", [(0, 4), (3, 7)], ids=["same-bytes", "one-byte"])
+def test_tensors_whose_bytes_overlap(second: tuple[int, int], tmp_path: Path) -> None:
+    _, path = trained(tmp_path)
+    entry = '"{}.bitfit_delta":{{"dtype":"F32","shape":[1],"data_offsets":[{},{}]}}'
+    header = "{" + entry.format("a", 0, 4) + "," + entry.format("b", *second) + "}"
+    write_raw(path / WEIGHTS, header, b"\0" * 8)
+    refused(path, "tensors a.bitfit_delta and b.bitfit_delta overlap in the data section")
+
+
 def test_tensor_dtype_that_a_bias_delta_cannot_have(tmp_path: Path) -> None:
     _, path = trained(tmp_path)
     repack(path, lambda t: {k: v.to(torch.int64) if "bitfit_delta" in k else v for k, v in t.items()})
