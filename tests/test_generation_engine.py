@@ -263,6 +263,10 @@ def test_budget_cancel_and_errors(tmp_path: Path) -> None:
         assert s.engine.submit("t1", "the cat", greedy(20)).result(60).completion_tokens >= 1
         with pytest.raises(TooLongError, match="whole budget of 50"):
             s.engine.submit("t1", "the cat", greedy(49)).result(60)
+        # a request that needs exactly the whole (idle) budget fits: prompt + max_tokens == 50
+        prompt = len(s.store.tokenizer("the cat")["input_ids"])
+        assert s.engine.tokens_in_flight == 0
+        assert s.engine.submit("t1", "the cat", greedy(50 - prompt)).result(60).prompt_tokens == prompt
         with pytest.raises(BadInputError, match="empty"):
             s.engine.submit("t1", "  ", greedy(2)).result(60)
         with pytest.raises(UnknownTaskError, match="nope"):
