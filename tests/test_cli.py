@@ -242,3 +242,15 @@ def test_verify_a_missing_base_says_no_such_directory(
     assert cli.main(["verify", str(saved["float32"]), "--base", base]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --base {base}: no such directory") and "Repo id" not in err, err
+
+
+def test_parse_target_reads_the_dtype_and_a_fraction_in_0_1() -> None:
+    assert cli.parse_target("int8", "float32") == ("int8", None)
+    assert cli.parse_target("int8:1", "float32") == ("int8", 1.0)
+    assert cli.parse_target("sparse:0.1", "bfloat16") == ("bfloat16", 0.1)
+    assert cli.parse_target("sparse:0.1", "int4") == ("float32", 0.1)  # an unknown current dtype: float32
+    for bad in ("int8:0", "sparse:0", "int8:1.5", "float16:-0.1"):
+        with pytest.raises(cli.CliError, match=r"the fraction to keep must be in \(0, 1\]"):
+            cli.parse_target(bad, "float32")
+    with pytest.raises(cli.CliError, match="needs a fraction"):
+        cli.parse_target("sparse", "float32")

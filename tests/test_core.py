@@ -179,11 +179,12 @@ def test_merge_unmerge_and_merge_and_unload() -> None:
     assert torch.allclose(logits(plain), unmerged, atol=1e-5)
 
 
-def test_safe_merge_refuses_non_finite_and_changes_nothing() -> None:
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_safe_merge_refuses_non_finite_and_changes_nothing(bad: float) -> None:
     model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS")).eval()
     layer = next(m for m in model.modules() if isinstance(m, BitFitLayer))
     with torch.no_grad():
-        layer.bitfit_delta["default"][0] = float("nan")
+        layer.bitfit_delta["default"][0] = bad
     before = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
     with pytest.raises(ValueError, match="non-finite biases"):
         model.merge_adapter(safe_merge=True)
@@ -266,6 +267,20 @@ def test_mixed_batch_errors(kwargs: dict[str, object], error: type[Exception], m
         logits(model, **kwargs)
 
 
+def test_mixed_batch_with_too_few_or_too_many_names_says_how_many_examples_there_are() -> None:
+    # checked up front, before any layer runs: a layer would refuse it too, but with a message about rows (8 here:
+    # 4 prompts x 2 beams) that does not say the batch has 4 examples
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=99))
+    model = get_peft_model(gpt2.eval(), BitFitConfig(task_type="CAUSAL_LM", init_weights=False))
+    model.add_adapter("other", BitFitConfig(task_type="CAUSAL_LM", init_weights=False))
+    model.eval()
+    ids = batch()["input_ids"]
+    for names in (["default", "other"], ["default"] * 5):
+        with pytest.raises(ValueError, match=f"has {len(names)} entries but the batch has 4 examples"):
+            model.generate(input_ids=ids, adapter_names=names, num_beams=2, max_new_tokens=2, do_sample=False)
+
+
 def test_mixed_batch_refuses_training_mode_and_merged_adapters() -> None:
     model = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS"))
     with pytest.raises(ValueError, match="for inference: call model.eval"):
@@ -299,6 +314,13 @@ def test_hotswap_rejects_another_config_and_changes_nothing(tmp_path: Path) -> N
     assert_same(before, snapshot(model))
     with pytest.raises(ValueError, match="No adapter 'x' to hotswap"):
         hotswap_adapter(model, str(path), adapter_name="x")
+    # the other way round: a checkpoint over more modules than the adapter has (only unexpected keys)
+    _, everything = trained(tmp_path, "all")
+    query_only = get_peft_model(bert(), BitFitConfig(task_type="SEQ_CLS", bias_terms=["query"])).eval()
+    before = snapshot(query_only)
+    with pytest.raises(ValueError, match=r"targets other modules \(missing \[\], unexpected \["):
+        hotswap_adapter(query_only, str(everything))
+    assert_same(before, snapshot(query_only))
 
 
 def test_add_weighted_adapter_is_the_linear_combination() -> None:
@@ -315,6 +337,14 @@ def test_add_weighted_adapter_is_the_linear_combination() -> None:
             assert torch.allclose(d["union"], expected)
     with pytest.raises(ValueError, match="one weight per adapter"):
         model.add_weighted_adapter(["default", "b"], [1.0], "bad")
+    with pytest.raises(ValueError, match="Unknown adapters \\['nope'\\]"):
+        model.add_weighted_adapter(["default", "nope"], [1.0, 1.0], "bad")
+    # an existing name (not one of the combined adapters) is refused, and that adapter keeps its deltas
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".mix")}
+    with pytest.raises(ValueError, match="Adapter 'mix' already exists"):
+        model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix")
+    after = model.state_dict()
+    assert before and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -573,6 +603,30 @@ def test_set_adapter_touches_only_the_adapters_that_change() -> None:
     with model.disable_adapter():
         assert trainable() == set()
     assert trainable() == {"t0", "t2"}
+
+
+def test_several_active_adapters_add_their_deltas_unmerged_and_merged() -> None:
+    # peft's multi-adapter activation (base_model.set_adapter([...])): every active delta counts, not just the first
+    model = get_peft_model(transformers.BertModel(transformers.BertConfig(**BERT)).eval(), BitFitConfig())
+    for name in ("p", "q", "r"):
+        model.add_adapter(name, BitFitConfig(init_weights=False))
+    model.base_model.add_weighted_adapter(["p", "q", "r"], [1.0, 1.0, 1.0], "sum")
+    model.eval()
+
+    def hidden() -> torch.Tensor:
+        with torch.no_grad():
+            return model(**batch()).last_hidden_state
+
+    model.set_adapter("sum")
+    expected = hidden()
+    model.set_adapter("p")
+    only_p = hidden()
+    model.base_model.set_adapter(["p", "q", "r"])
+    assert not torch.allclose(only_p, expected, atol=1e-3)
+    assert torch.allclose(hidden(), expected, atol=1e-5)
+    model.merge_adapter()
+    assert torch.allclose(hidden(), expected, atol=1e-5)
+    model.unmerge_adapter()
 
 
 # --------------------------------------------------------------------- regressions a one-line bug could pass by

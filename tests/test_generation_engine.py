@@ -24,7 +24,7 @@ from bitfit_peft.serving import TaskStore, UnknownTaskError
 from bitfit_peft.serving.engine import GenerationEngine, OverloadedError, SamplingParams
 from bitfit_peft.serving.errors import BadInputError, TooLongError
 from bitfit_peft.serving.model import SkinnyLinear
-from bitfit_peft.serving.sampling import TextTracker
+from bitfit_peft.serving.sampling import TextTracker, choose
 from tests.models import CASES_BY_NAME
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -265,6 +265,10 @@ def test_budget_cancel_and_errors(tmp_path: Path) -> None:
         assert s.engine.submit("t1", "the cat", greedy(20)).result(60).completion_tokens >= 1
         with pytest.raises(TooLongError, match="whole budget of 50"):
             s.engine.submit("t1", "the cat", greedy(49)).result(60)
+        # a request that needs exactly the whole (idle) budget fits: prompt + max_tokens == 50
+        prompt = len(s.store.tokenizer("the cat")["input_ids"])
+        assert s.engine.tokens_in_flight == 0
+        assert s.engine.submit("t1", "the cat", greedy(50 - prompt)).result(60).prompt_tokens == prompt
         with pytest.raises(BadInputError, match="empty"):
             s.engine.submit("t1", "  ", greedy(2)).result(60)
         with pytest.raises(UnknownTaskError, match="nope"):
@@ -341,3 +345,29 @@ def test_served_causal_lm_has_the_skinny_head_on_its_tied_embeddings(served: Ser
     assert isinstance(head, SkinnyLinear)
     if model.config.tie_word_embeddings:
         assert head.weight is model.get_input_embeddings().weight
+
+
+class _Chars:
+    """A tokenizer stub for `TextTracker`: token id i decodes to chr(i)."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(map(chr, ids))
+
+
+def test_text_tracker_cuts_at_the_earliest_stop_string_whichever_is_listed_first() -> None:
+    tracker = TextTracker(_Chars(), stop=("END", "x"))
+    tracker.add([ord(c) for c in "abxcdEND"])
+    assert (tracker.text, tracker.stopped) == ("ab", True)
+    tracker = TextTracker(_Chars(), stop=("zz",))
+    tracker.add([ord(c) for c in "abc"])
+    assert (tracker.text, tracker.stopped) == ("abc", False)
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it_and_always_the_top_token() -> None:
+    logits = torch.tensor([0.5, 0.3, 0.2, 0.0]).log()  # probabilities 0.5, 0.3, 0.2, 0
+    g = torch.Generator().manual_seed(0)
+    drawn = {choose(logits, SamplingParams(temperature=1.0, top_p=0.6), g) for _ in range(200)}
+    assert drawn == {0, 1}  # 0.5 < 0.6, so the second token is needed to reach it; the third is not
+    peaked = torch.tensor([0.95, 0.05]).log()
+    assert {choose(peaked, SamplingParams(temperature=1.0, top_p=0.9), g) for _ in range(50)} == {0}
+    assert choose(torch.tensor([0.1, 3.0, 0.2]), SamplingParams(temperature=0), None) == 1

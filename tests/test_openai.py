@@ -35,18 +35,31 @@ def test_completions_and_chat_streamed_or_not_equal_the_engine_offline(tmp_path:
                 assert want.text  # the tokenizer decodes: the comparisons below compare text
                 got = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0)
                 assert got.choices[0].text == want.text and got.choices[0].finish_reason == want.finish_reason
-                assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (
+                assert (got.usage.prompt_tokens, got.usage.completion_tokens, got.usage.total_tokens) == (
                     want.prompt_tokens,
                     want.completion_tokens,
+                    want.prompt_tokens + want.completion_tokens,
                 )
                 chunks = list(client.completions.create(model=model, prompt=[prompt], max_tokens=6, temperature=0,
                                                         stream=True, stream_options={"include_usage": True}))  # fmt: skip
                 assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
                 assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == want.completion_tokens
+                assert chunks[-1].usage.total_tokens == want.prompt_tokens + want.completion_tokens
+                finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+                assert finishes == [None] * (len(finishes) - 1) + [want.finish_reason]  # one, in the last chunk
+            # a 2-token budget ends by length, streamed or not (not every ending is "stop")
+            short = offline.submit("t0", PROMPTS[0], SamplingParams(max_tokens=2, temperature=0)).result(timeout=60)
+            assert short.finish_reason == "length"
+            streamed = list(client.completions.create(model="t0", prompt=PROMPTS[0], max_tokens=2, temperature=0, stream=True))  # fmt: skip
+            assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "length"
             messages = [{"role": "user", "content": PROMPTS[3]}]
             want = offline.submit("t2", messages, SamplingParams(max_tokens=6, temperature=0)).result(timeout=60)
             chat = client.chat.completions.create(model="t2", messages=messages, max_tokens=6, temperature=0)  # type: ignore[arg-type]
             assert chat.choices[0].message.content == want.text and chat.choices[0].message.role == "assistant"
+            # OpenAI's newer name for the budget wins over the older one
+            three = offline.submit("t2", messages, SamplingParams(max_tokens=3, temperature=0)).result(timeout=60)
+            newer = client.chat.completions.create(model="t2", messages=messages, max_completion_tokens=3, temperature=0)  # type: ignore[arg-type]  # fmt: skip
+            assert (newer.choices[0].message.content, newer.usage.completion_tokens) == (three.text, three.completion_tokens)  # fmt: skip
             stream = client.chat.completions.create(
                 model="t2", messages=messages, max_tokens=6, temperature=0, stream=True
             )  # type: ignore[arg-type]

@@ -11,10 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import get_peft_model
 from serving_helpers import base_model, offline, save_adapter, save_base, text
 
+from bitfit_peft import BitFitConfig
+from bitfit_peft.constants import BASE
 from bitfit_peft.serving import AdapterError, GenerationRequest, TaskStore, UnknownTaskError
 from bitfit_peft.serving.chunks import plan_chunks
+from bitfit_peft.serving.errors import TooLongError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -269,3 +273,40 @@ def test_unload_frees_the_slot_and_the_name(served: tuple[Path, Path], tmp_path:
         store.unload("x")
         store.load("x", str(x))
     assert store.resident_bytes() == held
+
+
+def test_multi_label_scores_are_independent_sigmoids(served: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapters = served
+    torch.manual_seed(5)
+    config = BitFitConfig(task_type="SEQ_CLS", init_weights=False, problem_type="multi_label_classification")
+    get_peft_model(base_model(base, 3), config).save_pretrained(str(tmp_path / "tags"))
+    store = TaskStore.open(str(base), str(adapters))
+    store.load("tags", str(tmp_path / "tags"))
+    pred = store.predict([("tags", text(1))])[0]
+    want = offline(base, tmp_path / "tags", 3, text(1))
+    assert torch.allclose(torch.tensor(pred.logits), want, atol=1e-5)
+    assert list(pred.scores.values()) == pytest.approx(want.sigmoid().tolist(), abs=1e-5)  # not a softmax
+    assert sum(pred.scores.values()) != pytest.approx(1.0, abs=1e-3)
+
+
+def test_names_refusals_and_the_length_limit(served: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapters = served
+    root = tmp_path / "adapters"
+    shutil.copytree(adapters, root)
+    (root / "later").mkdir()
+    shutil.copy(adapters / "sent" / "adapter_config.json", root / "later")  # no weights yet: refused at open
+    store = TaskStore.open(str(base), str(root), max_length=10)
+    assert "later" in store.refused
+    store.load("later", str(adapters / "sent"))  # fixed and loaded: no longer listed as refused
+    assert "later" not in store.refused and store.task("later").name == "later"
+    for name in (BASE, "", "a/b"):
+        with pytest.raises(AdapterError, match="Invalid task name"):
+            store.load(name, str(adapters / "sent"))
+    assert BASE not in [t.name for t in store.tasks()]
+    # max_length counts the special tokens: exactly 10 is served as it is, 11 is cut or refused
+    exact, over = text(1, 8), text(1, 9)
+    assert [len(store.tokenizer(s)["input_ids"]) for s in (exact, over)] == [10, 11]
+    assert store.predict([("sent", exact, False)]) == store.predict([("sent", exact)])
+    with pytest.raises(TooLongError, match="Input is 11 tokens, more than --max-length 10"):
+        store.predict([("sent", over, False)])
+    assert store.predict([("sent", over)])[0].task == "sent"

@@ -133,6 +133,28 @@ def test_half_precision_packed_files_keep_the_task_head_in_float32(
         assert torch.equal(trained[key.replace("classifier.", "classifier.modules_to_save.default.")], value), key
 
 
+def test_keep_fraction_one_keeps_everything_in_a_plain_file(base_dir: Path, tmp_path: Path) -> None:
+    # keep_fraction=1.0 keeps every value: nothing to compact, so the file stays one tensor a key (readable by any tool)
+    model = saved(base_dir, tmp_path / "a", None, 1.0)
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert compact.PACKED_KEY not in tensors and json.loads((tmp_path / "a" / "adapter_config.json").read_text())["packed"] is False  # fmt: skip
+    assert {k.removesuffix(".bitfit_delta") for k in tensors if k.endswith("bitfit_delta")} == {
+        k.removesuffix(".bitfit_delta") for k in (f"base_model.model.{n}.bitfit_delta" for n in deltas(model))
+    }
+
+
+def test_a_bfloat16_adapter_is_saved_in_bfloat16_without_a_save_dtype(base_dir: Path, tmp_path: Path) -> None:
+    # deltas kept in the base's bfloat16 (autocast_adapter_dtype=False) are written as they are, not widened
+    config = BitFitConfig(task_type="SEQ_CLS", init_weights=False)
+    model = get_peft_model(load_base(base_dir).to(torch.bfloat16), config, autocast_adapter_dtype=False)
+    model.save_pretrained(tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert {v.dtype for k, v in tensors.items() if k.endswith("bitfit_delta")} == {torch.bfloat16}
+    loaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "a")
+    for key, value in deltas(model).items():
+        assert torch.equal(deltas(loaded)[key], value.float()), key
+
+
 def test_transformers_load_adapter_refuses_a_packed_file_and_leaves_the_model_alone(
     base_dir: Path, tmp_path: Path
 ) -> None:
@@ -184,6 +206,10 @@ def test_save_dtype_and_keep_fraction_are_validated() -> None:
     with pytest.raises(ValueError, match="Invalid save_dtype 'int4'"):
         BitFitConfig(save_dtype="int4")  # type: ignore[arg-type]
     assert BitFitConfig(save_dtype="int8", keep_fraction=0.1).keep_fraction == 0.1
+    # sparse positions live only in the packed layout, as int8 scales do
+    with pytest.raises(ValueError, match=r"packed=False cannot store save_dtype=None / keep_fraction=0.5"):
+        BitFitConfig(keep_fraction=0.5, packed=False)
+    assert BitFitConfig(save_dtype="bfloat16", packed=False).packed is False
 
 
 # ---------------------------------------------------------------------------------------------- model card

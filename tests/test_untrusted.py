@@ -78,6 +78,25 @@ def test_header_that_claims_a_huge_length(tmp_path: Path) -> None:
     refused(path, r"header claims 1,099,511,627,776 bytes .* \(limit 16,777,216\)")
 
 
+def test_header_that_claims_more_bytes_than_the_file_has(tmp_path: Path) -> None:
+    # under the 16 MiB limit, but past the end of the file: refused by the file's size, not parsed short
+    _, path = trained(tmp_path)
+    header = '{"a.bitfit_delta":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    write_raw(path / WEIGHTS, header, b"\0" * 4, claimed=len(header) + 4 + 100)
+    refused(
+        path, rf"header claims {len(header) + 104} bytes but the file has {len(header) + 4} after the length field\)"
+    )
+
+
+@pytest.mark.parametrize("second", [(0, 4), (3, 7)], ids=["same-bytes", "one-byte"])
+def test_tensors_whose_bytes_overlap(second: tuple[int, int], tmp_path: Path) -> None:
+    _, path = trained(tmp_path)
+    entry = '"{}.bitfit_delta":{{"dtype":"F32","shape":[1],"data_offsets":[{},{}]}}'
+    header = "{" + entry.format("a", 0, 4) + "," + entry.format("b", *second) + "}"
+    write_raw(path / WEIGHTS, header, b"\0" * 8)
+    refused(path, "tensors a.bitfit_delta and b.bitfit_delta overlap in the data section")
+
+
 def test_tensor_dtype_that_a_bias_delta_cannot_have(tmp_path: Path) -> None:
     _, path = trained(tmp_path)
     repack(path, lambda t: {k: v.to(torch.int64) if "bitfit_delta" in k else v for k, v in t.items()})
@@ -107,6 +126,39 @@ def test_shapes_that_disagree_with_the_config(tmp_path: Path) -> None:
     repack(path, grow)
     relayout(path, wider)
     refused(path, r"has shape \(33,\) in the checkpoint but \(32,\) in the model")
+
+
+def test_a_transposed_head_weight_is_refused_by_shape_not_by_size(tmp_path: Path) -> None:
+    # same number of values (2 x 32 = 32 x 2): only the shape tells that it does not fit the head
+    _, path = trained(tmp_path)
+    head = "classifier.weight"
+
+    def transpose(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        key = next(k for k in tensors if k.endswith(head))
+        return {**tensors, key: tensors[key].t().contiguous()}
+
+    repack(path, transpose)
+    refused(path, r"classifier\..*weight has shape \(32, 2\) in the checkpoint but \(2, 32\) in the model")
+
+
+def test_sparse_position_one_past_the_end(tmp_path: Path) -> None:
+    _, path = trained(tmp_path, "s", keep_fraction=0.05)
+
+    def move(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        layout = compact.read_layout(tensors)
+        total = sum(int(torch.Size(s).numel()) for s in layout["shapes"])
+        encoding = layout["sparse"]["encoding"]
+        positions = compact._decode_positions(tensors[compact.POSITIONS_KEY].numpy(), encoding, total).tolist()
+        positions[-1] = total  # the last kept value moved just past the last delta
+        gaps, previous = [], -1  # the "gaps" encoding written by hand: it can say what encode never would
+        for p in positions:
+            gaps += [255] * ((p - previous - 1) // 255) + [(p - previous - 1) % 255]
+            previous = p
+        return {**tensors, compact.POSITIONS_KEY: torch.tensor(gaps, dtype=torch.uint8)}
+
+    repack(path, move)
+    relayout(path, lambda layout: layout["sparse"].update(encoding="gaps"))
+    refused(path, "sparse positions are out of range")
 
 
 def test_layout_that_claims_a_huge_adapter(tmp_path: Path) -> None:
