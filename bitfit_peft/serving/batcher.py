@@ -190,7 +190,7 @@ class Batcher:
             except BaseException as exc:  # a bug here must not kill the worker and hang every caller
                 logger.exception("batch failed outside the model calls")
                 for item in batch:
-                    _settle(item.future, None, exc)
+                    _fail(item.future, exc)
             finally:
                 with self._cond:
                     self._busy -= len(batch)
@@ -241,26 +241,19 @@ class Batcher:
 
     @staticmethod
     def _call(items: list[_Item], fn: Callable[[list[Any]], list[Any]]) -> int:
-        """One call for the group; if it raises, one call per item so that a bad item fails only itself."""
+        """One call for the group; if it raises, one call per item so that a bad item fails only itself. Returns how
+        many items failed; an item's error that the store answers in its place (a `ServingError`) counts."""
         try:
             results = fn([item.work for item in items])
             if len(results) != len(items):
                 raise RuntimeError(f"the store returned {len(results)} results for {len(items)} inputs")
         except Exception as exc:
             if len(items) == 1:
-                _settle(items[0].future, None, exc)
+                _fail(items[0].future, exc)
                 return 1
             logger.warning("a batch of %d failed (%s); retrying its items one by one", len(items), exc)
-            failed = 0
-            for item in items:
-                try:
-                    result = fn([item.work])[0]
-                except Exception as one:
-                    _settle(item.future, None, one)
-                    failed += 1
-                else:
-                    _settle(item.future, result, None)
-            return failed
+            # the same rules alone: a wrong count, or an error answered in the item's place, fail that item
+            return sum(Batcher._call([item], fn) for item in items)
         failed = 0
         for item, result in zip(items, results, strict=True):  # `predict_outcomes` puts an item's error in its place
             if isinstance(result, ServingError):
@@ -271,10 +264,7 @@ class Batcher:
         return failed
 
 
-def _settle(future: Future, result: Any, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
+def _fail(future: Future, exc: BaseException) -> None:
+    """Fail an item's future, unless it already has its answer (a bug after the results were set keeps them)."""
+    if not future.done():
         future.set_exception(exc)
-    else:
-        future.set_result(result)

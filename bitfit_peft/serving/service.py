@@ -165,7 +165,7 @@ class Service:
         for i, result in enumerate(results):
             if isinstance(result, BaseException):
                 if len(works) > 1 and isinstance(result, ServingError):
-                    result.args = (f"{result.message} (items[{i}])", *result.args[1:])
+                    result.args = (f"{result.message} (items[{i}])",)  # a ServingError holds its message alone
                 raise result
         return list(results)
 
@@ -174,7 +174,7 @@ class Service:
         root = self.adapters_root
         if "\x00" in path:
             raise ForbiddenPathError(f"Adapter path {path!r} holds a NUL character: send a directory name.")
-        real = os.path.realpath(path if os.path.isabs(path) else os.path.join(root, path))
+        real = os.path.realpath(os.path.join(root, path))  # an absolute `path` replaces `root` in the join
         if real == root or os.path.commonpath([real, root]) != root:
             raise ForbiddenPathError(f"Adapter path {path!r} is outside the adapters directory {root}: put the adapter in a folder inside it.")  # fmt: skip
         if not os.path.isdir(real):
