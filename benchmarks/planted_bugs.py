@@ -75,7 +75,7 @@ BUGS = [
     Bug('compact-topk-without-abs', 'bitfit_peft/compact.py', 'index = flat.abs().topk(k).indices.sort().values', 'index = flat.topk(k).indices.sort().values', (COMPACT,)),
     Bug('compact-offset-of-kept-values', 'bitfit_peft/compact.py', '        offset += tensor.numel()\n', '        offset += flat.numel()\n', (COMPACT,)),
     Bug('compact-counts-side-left', 'bitfit_peft/compact.py', 'np.searchsorted(np.cumsum(sizes), positions, side="right")', 'np.searchsorted(np.cumsum(sizes), positions, side="left")', (COMPACT,)),
-    Bug('compact-int8-scale-128', 'bitfit_peft/compact.py', '    scale = absmax / 127.0\n', '    scale = absmax / 128.0\n', (COMPACT,)),
+    Bug('compact-int8-scale-128', 'bitfit_peft/compact.py', 'np.float32(absmax / 127.0)', 'np.float32(absmax / 128.0)', (COMPACT,)),
     Bug('compact-position-bound-off-by-one', 'bitfit_peft/compact.py', 'positions[-1] >= total', 'positions[-1] > total', (UNTRUSTED,)),
     Bug('compact-duplicate-keys-accepted', 'bitfit_peft/compact.py', '    if len(set(keys)) != len(keys):\n', '    if len(set(keys)) > len(keys):\n', (UNTRUSTED,)),
     # --- files.py (untrusted safetensors)
@@ -110,7 +110,7 @@ BUGS = [
     Bug('openai-invalid-is-422', 'bitfit_peft/serving/server.py', '        status = 400 if status == 422 else status', '        status = status', (OPENAI, SERVER,)),
     Bug('errors-overloaded-503', 'bitfit_peft/serving/errors.py', 'status=429, error_type="overloaded"', 'status=503, error_type="overloaded"', (SERVER,)),
     Bug('batcher-queue-bound-ignores-batch', 'bitfit_peft/serving/batcher.py', 'if len(self._queue) + len(items) > self.max_queue:', 'if len(self._queue) > self.max_queue:', (SERVER, 'tests/test_concurrency.py',)),
-    Bug('batcher-no-one-by-one-retry', 'bitfit_peft/serving/batcher.py', '            if len(items) == 1:\n                _settle(items[0]', '            if len(items) >= 1:\n                _settle(items[0]', (SERVER, 'tests/test_concurrency.py',)),
+    Bug('batcher-no-one-by-one-retry', 'bitfit_peft/serving/batcher.py', '            if len(items) == 1:\n                _fail(items[0]', '            if len(items) >= 1:\n                _fail(items[0]', (SERVER, 'tests/test_concurrency.py',)),
     Bug('batcher-deadline-from-now', 'bitfit_peft/serving/batcher.py', 'deadline = self._queue[0].queued_at + self.max_wait', 'deadline = time.perf_counter() + self.max_wait', (SERVER, 'tests/test_concurrency.py',)),
     # --- cli.py, lean.py
     Bug('cli-verify-exit-zero', 'bitfit_peft/cli.py', 'return 0 if not problems else 1', 'return 0', ('tests/test_cli.py',)),

@@ -142,3 +142,14 @@ def test_settings_reject_unknown_models_and_zero_repeats(monkeypatch: pytest.Mon
         Settings.for_mode(True, models=("bert",))
     with pytest.raises(ValueError, match="repeats must be >= 1; got 0"):
         Settings.for_mode(True, repeats=0)
+
+
+def test_every_planted_bug_still_applies_to_the_code() -> None:
+    """`benchmarks.planted_bugs` finds each bug's text exactly once in today's code, so the audit plants every bug
+    (it refuses one that does not apply): code changes that move a planted line must move the bug with it."""
+    from benchmarks.planted_bugs import BUGS
+
+    root = Path(__file__).resolve().parents[1]
+    stale = {bug.name: (root / bug.file).read_text().count(bug.old) for bug in BUGS}
+    assert {name: n for name, n in stale.items() if n != 1} == {}
+    assert len({bug.name for bug in BUGS}) == len(BUGS) >= 50
