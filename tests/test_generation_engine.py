@@ -319,8 +319,8 @@ def test_many_threads_submitting_at_once(served: Served) -> None:
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_skinny_head_equals_linear_for_every_row_count(bias: bool) -> None:
-    """`SkinnyLinear` (the served LM head: `weight @ x.T` for 1-16 rows here on the CPU) gives `nn.Linear`'s outputs, in
-    its shape, for 1 to 20 rows in 2-D and 3-D, shares the weight it wraps (tied embeddings stay tied), and runs
+    """`SkinnyLinear` (here capped at 16 rows: `weight @ x.T` for 1-16 rows on the CPU) gives `nn.Linear`'s outputs,
+    in its shape, for 1 to 20 rows in 2-D and 3-D, shares the weight it wraps (tied embeddings stay tied), and runs
     `nn.Linear` itself when gradients are on."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(24, 40, bias=bias)

@@ -130,12 +130,12 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     return save_tiny_base(tmp_path_factory.mktemp("base"), data_dir)
 
 
-# ---------------------------------------------------------------- data formatting
+TRAIN_SIZES = ("--train-size", "32", "--batch-size", "8", "--epochs", "8", "--lr", "5e-2")
 
 
-def train_argv(base: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
-    """The SFT example's arguments for 8 epochs over 32 SST-2 examples (batch 8, lr 5e-2) on the tiny base."""
-    sizes = ["--train-size", "32", "--batch-size", "8", "--epochs", "8", "--lr", "5e-2"]
+def train_argv(base: Path, data_dir: Path, out: Path, *extra: str, sizes: tuple[str, ...] = TRAIN_SIZES) -> list[str]:
+    """The SFT example's command line for SST-2 on `base`: `sizes` (default: 8 epochs over 32 examples, batch 8, lr
+    5e-2), then `extra`."""
     return [
         "--base",
         str(base),
@@ -148,6 +148,9 @@ def train_argv(base: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
         str(out),
         *extra,
     ]
+
+
+# ---------------------------------------------------------------- data formatting
 
 
 def test_records_answer_with_the_label_word(data_dir: Path) -> None:
@@ -337,28 +340,8 @@ def test_real_smollm2_prepare_train_reload(tmp_path: Path, data_dir: Path) -> No
     base = prepare_base.prepare(tmp_path / "smollm2")
     assert prepare_base.is_prepared(base)
     out = tmp_path / "adapter"
-    results = sft_train.run(
-        sft_train.parse_args(
-            [
-                "--base",
-                str(base),
-                "--task",
-                "sst2",
-                "--data-dir",
-                str(data_dir),
-                "--train-size",
-                "16",
-                "--batch-size",
-                "4",
-                "--max-steps",
-                "4",
-                "--logging-steps",
-                "1",
-                "--output-dir",
-                str(out),
-            ]
-        )
-    )
+    sizes = ("--train-size", "16", "--batch-size", "4")
+    results = sft_train.run(sft_train.parse_args(train_argv(base, data_dir, out, "--max-steps", "4", "--logging-steps", "1", sizes=sizes)))  # fmt: skip
     # b_q + b_m2 on SmolLM2-135M: 30 layers x (576 query + 2 x 1536 gate/up).
     assert results["trainable_parameters"] == 30 * (576 + 2 * 1536)
     losses = [loss for _, loss in results["loss"]]

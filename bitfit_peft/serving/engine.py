@@ -274,11 +274,12 @@ class GenerationEngine:
                 decode, positions = self._plan_decode(decode)
                 both = self._prefill(prefill, list(zip(decode, positions, strict=True)))
                 logits, last = both[: len(decode)], both[len(decode) :]
-            elif decode:
-                decode, positions = self._plan_decode(decode)
-                logits = self._forward(decode, [[r.out[-1]] for r in decode], positions, max(positions) + 1)
-            if prefill and not fused:
-                last = self._prefill(prefill)
+            else:
+                if decode:
+                    decode, positions = self._plan_decode(decode)
+                    logits = self._forward(decode, [[r.out[-1]] for r in decode], positions, max(positions) + 1)
+                if prefill:
+                    last = self._prefill(prefill)
         for i, row in enumerate(decode):
             self._advance(row, logits[i])
         for i, (row, n) in enumerate(prefill):

@@ -54,25 +54,24 @@ def build_base(base: str, generator: bool, dtype: torch.dtype, device: str, mean
     return model
 
 
-def skinny_linears(model: nn.Module) -> int:
+def skinny_linears(model: nn.Module) -> None:
     """Replace every plain `nn.Linear` of `model` by a `SkinnyLinear` sharing its parameters: up to 4 rows for the
-    layers, 8 for the output head (measured: docs/serving.md, "Decode on a CPU"). Returns how many."""
+    layers, 8 for the output head (measured: docs/serving.md, "Decode on a CPU")."""
     head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     found = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     for name, module in found:
         parent, _, leaf = _get_submodules(model, name)
         setattr(parent, leaf, SkinnyLinear.of(module, 8 if module is head else 4))
-    return len(found)
 
 
 class SkinnyLinear(nn.Linear):
     """An `nn.Linear` (same parameters, same state-dict keys) whose product for a few rows of float32 on the CPU is
     computed as `weight @ x.T`: the same sums in another order, but MKL's kernel for that layout is much faster for
-    1-4 rows (one row is duplicated: MKL's two-row kernel beats its one-row GEMV). With 2 rows and 2 threads
-    (`python -m benchmarks.decode_cost`, docs/serving.md): SmolLM2-135M's 49,152 x 576 head 25.5 ms as
-    `x @ weight.T`, 5.7 ms as `weight @ x.T`; its layers' 120 weights of 1536 x 576 and 576 x 1536, 73 ms against
-    38 ms. From 8 rows on (16 for the head) MKL's usual kernel is as fast or faster, so larger inputs, other
-    devices and dtypes, and calls with gradients run `torch.nn.functional.linear`.
+    1-4 rows (one row is duplicated: MKL's two-row kernel beats its one-row GEMV). With 2 rows and 2 threads, idle
+    (`python -m benchmarks.decode_cost`, docs/serving.md): SmolLM2-135M's 49,152 x 576 head 29.3 ms as
+    `x @ weight.T`, 6.2 ms as `weight @ x.T`; its layers' 120 weights of 1536 x 576 and 576 x 1536, 68.3 ms against
+    30.6 ms. Beyond 4 rows (8 for the head) it gains little or loses (a first run: the head with 16 rows 29.8
+    against 27.4 ms), so larger inputs, other devices and dtypes, and calls with gradients run `torch.nn.functional.linear`.
 
     Example:
 
