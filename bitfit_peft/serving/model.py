@@ -71,7 +71,8 @@ class SkinnyLinear(nn.Linear):
     (`python -m benchmarks.decode_cost`, docs/serving.md): SmolLM2-135M's 49,152 x 576 head 29.3 ms as
     `x @ weight.T`, 6.2 ms as `weight @ x.T`; its layers' 120 weights of 1536 x 576 and 576 x 1536, 68.3 ms against
     30.6 ms. Beyond 4 rows (8 for the head) it gains little or loses (a first run: the head with 16 rows 29.8
-    against 27.4 ms), so larger inputs, other devices and dtypes, and calls with gradients run `torch.nn.functional.linear`.
+    against 27.4 ms), so larger inputs, other devices and dtypes, and calls with gradients run
+    `torch.nn.functional.linear`.
 
     Example:
 
